@@ -1,0 +1,10 @@
+//! lvlm-ift: instruction-free tuning of vision-language models for medical image understanding.
+//!
+//! Layered by stage; a stage only imports from the ones before it:
+//! `data` (files → samples) → `model` (architectures, weights) → `cli` (commands).
+
+pub mod data;
+pub mod error;
+pub mod model;
+
+pub use error::{Error, Result};

@@ -1,0 +1,236 @@
+//! Differentiable building blocks. Every op here has a backward pass in candle 0.11: we avoid the
+//! fused kernels that silently cut gradients (`softmax_last_dim`, `rms_norm`, `layer_norm`,
+//! `rotary_emb::*`; see ../shared/design/CANDLE.md) and compute norms in f32 like HF does.
+
+use candle_core::{DType, Module, Tensor, D};
+
+use crate::error::Result;
+use crate::model::weights::Weights;
+
+/// `y = x W^T + b`, weight `[out, in]` as in PyTorch.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = w.get("weight", &[out_dim, in_dim])?;
+        let bias = if bias {
+            Some(w.get("bias", &[out_dim])?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // Mixed dtypes happen when some weights are trainable (f32) and the base is bf16.
+        let x = if x.dtype() != self.weight.dtype() {
+            x.to_dtype(self.weight.dtype())?
+        } else {
+            x.clone()
+        };
+        let y = match x.dims() {
+            [b, s, i] => {
+                let y = x.reshape((b * s, *i))?.matmul(&self.weight.t()?)?;
+                y.reshape((*b, *s, ()))?
+            }
+            _ => x.broadcast_matmul(&self.weight.t()?)?,
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// LayerNorm over the last dim, from elementary ops (candle's fused one has no backward).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: w.get("weight", &[dim])?,
+            bias: w.get("bias", &[dim])?,
+            eps,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = x.dtype();
+        let x = upcast(x)?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let y = normed
+            .broadcast_mul(&upcast(&self.weight)?)?
+            .broadcast_add(&upcast(&self.bias)?)?;
+        y.to_dtype(dtype)
+    }
+}
+
+/// Llama RMSNorm: normalise in f32, cast back, then scale (the order HF uses).
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: w.get("weight", &[dim])?,
+            eps,
+        })
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = upcast(x)?;
+        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        normed.broadcast_mul(&self.weight.to_dtype(dtype)?)
+    }
+}
+
+fn upcast(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.dtype() == DType::F64 {
+        Ok(x.clone())
+    } else {
+        x.to_dtype(DType::F32)
+    }
+}
+
+/// Token embedding table; `index_select` has a backward (scatter-add into the table).
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    pub weight: Tensor,
+}
+
+impl Embedding {
+    pub fn new(w: &Weights, vocab: usize, dim: usize) -> Result<Self> {
+        Ok(Self {
+            weight: w.get("weight", &[vocab, dim])?,
+        })
+    }
+
+    /// `ids` of any shape → `[..., dim]`.
+    pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let mut dims = ids.dims().to_vec();
+        let flat = ids.flatten_all()?;
+        let rows = self.weight.index_select(&flat, 0)?;
+        dims.push(self.weight.dim(1)?);
+        rows.reshape(dims)
+    }
+}
+
+/// CLIP's activation: `x * sigmoid(1.702 x)`.
+pub fn quick_gelu(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.mul(&candle_nn::ops::sigmoid(&(x * 1.702)?)?)
+}
+
+/// Softmax over the last dim with a backward pass, computed in f32.
+pub fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    candle_nn::ops::softmax(&upcast(x)?, D::Minus1)?.to_dtype(dtype)
+}
+
+/// Scaled dot-product attention on `[b, h, s, d]` tensors with an optional additive mask
+/// broadcastable to `[b, h, s_q, s_kv]`; softmax in f32 as HF's eager path does.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> candle_core::Result<Tensor> {
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = match mask {
+        Some(m) => upcast(&scores)?.broadcast_add(m)?,
+        None => scores,
+    };
+    let probs = softmax_last(&scores)?.to_dtype(v.dtype())?;
+    probs.matmul(v)
+}
+
+/// `[b, kv_heads, s, d]` → `[b, kv_heads * n_rep, s, d]` (GQA), by concatenation so it has a backward.
+pub fn repeat_kv(x: &Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, h, s, d) = x.dims4()?;
+    Tensor::cat(&vec![x; n_rep], 2)?.reshape((b, h * n_rep, s, d))
+}
+
+/// Precomputed rotary tables (non-interleaved halves, HF `rotate_half` convention).
+#[derive(Debug, Clone)]
+pub struct Rope {
+    /// `[max_pos, head_dim]`: the half-size frequency table repeated twice.
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    /// `inv_freq` holds head_dim/2 inverse frequencies (already adjusted for the scaling rule).
+    pub fn new(inv_freq: &[f64], max_pos: usize, dtype: DType, device: &candle_core::Device) -> Result<Self> {
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(max_pos * half * 2);
+        let mut sin = Vec::with_capacity(max_pos * half * 2);
+        for p in 0..max_pos {
+            // Computed in f32 like HF (inv_freq and positions are f32 there).
+            let row: Vec<f32> = inv_freq.iter().map(|f| (p as f32) * (*f as f32)).collect();
+            for _ in 0..2 {
+                cos.extend(row.iter().map(|a| a.cos()));
+                sin.extend(row.iter().map(|a| a.sin()));
+            }
+        }
+        let cos = Tensor::from_vec(cos, (max_pos, half * 2), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (max_pos, half * 2), device)?.to_dtype(dtype)?;
+        Ok(Self { cos, sin })
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.cos.dim(0).unwrap_or(0)
+    }
+
+    /// Apply to `x: [b, h, s, d]` at `positions: [b, s]` (u32).
+    pub fn apply(&self, x: &Tensor, positions: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, _h, s, d) = x.dims4()?;
+        let flat = positions.flatten_all()?;
+        let cos = self.cos.index_select(&flat, 0)?.reshape((b, 1, s, d))?.to_dtype(x.dtype())?;
+        let sin = self.sin.index_select(&flat, 0)?.reshape((b, 1, s, d))?.to_dtype(x.dtype())?;
+        let x1 = x.narrow(3, 0, d / 2)?;
+        let x2 = x.narrow(3, d / 2, d / 2)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
+        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+    }
+}
+
+/// Replace rows of `base: [n, h]` at `positions` (sorted or not) by the rows of `rows: [m, h]`,
+/// m = positions.len(). Built from `cat` + `index_select`, so gradients flow to both inputs: this is
+/// how image features (and later proxy vectors) enter the token stream.
+pub fn scatter_rows(base: &Tensor, rows: &Tensor, positions: &[usize]) -> candle_core::Result<Tensor> {
+    let n = base.dim(0)?;
+    let m = rows.dim(0)?;
+    if positions.len() != m {
+        candle_core::bail!("scatter_rows: {} positions for {m} rows", positions.len());
+    }
+    let mut index: Vec<u32> = (0..n as u32).collect();
+    for (k, &p) in positions.iter().enumerate() {
+        if p >= n {
+            candle_core::bail!("scatter_rows: position {p} out of range {n}");
+        }
+        index[p] = (n + k) as u32;
+    }
+    let index = Tensor::from_vec(index, n, base.device())?;
+    let rows = rows.to_dtype(base.dtype())?;
+    Tensor::cat(&[base, &rows], 0)?.index_select(&index, 0)
+}

@@ -1,0 +1,282 @@
+//! LLaVA (HF `LlavaForConditionalGeneration`): CLIP features of chosen layers → 2-layer MLP
+//! projector → spliced into the token embeddings at the image-token positions → Llama/Mistral.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::checkpoint::weight_files;
+use crate::model::clip::ClipVisionTower;
+use crate::model::config::{LlavaConfig, SelectStrategy};
+use crate::model::layers::{scatter_rows, Linear};
+use crate::model::llama::{attention_mask, position_ids, KvCache, LlamaForCausalLm};
+use crate::model::weights::{TrainableFilter, WeightStore, Weights};
+use crate::model::VisionLanguageModel;
+
+/// `linear_2(gelu(linear_1(x)))`, erf GELU as torch's default.
+#[derive(Debug, Clone)]
+pub struct Projector {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl Projector {
+    pub fn new(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        Ok(Self {
+            linear_1: Linear::new(&w.pp("linear_1"), in_dim, out_dim, bias)?,
+            linear_2: Linear::new(&w.pp("linear_2"), out_dim, out_dim, bias)?,
+        })
+    }
+}
+
+impl Module for Projector {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.linear_2.forward(&self.linear_1.forward(x)?.gelu_erf()?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LlavaModel {
+    vision_tower: ClipVisionTower,
+    projector: Projector,
+    language_model: LlamaForCausalLm,
+    cfg: LlavaConfig,
+    feature_layers: Vec<usize>,
+    device: Device,
+}
+
+/// What to load and how.
+pub struct LoadOptions {
+    pub device: Device,
+    pub dtype: DType,
+    /// Canonical weight names that become trainable `Var`s (kept in f32).
+    pub trainable: Option<TrainableFilter>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            trainable: None,
+        }
+    }
+}
+
+impl LlavaModel {
+    /// Load config and weights from a model directory. Returns the store too, so callers can
+    /// collect trainable variables.
+    pub fn load(dir: &Path, opts: LoadOptions) -> Result<(Self, WeightStore)> {
+        let cfg = LlavaConfig::from_file(&dir.join("config.json"))?;
+        let files = weight_files(dir)?;
+        let mut store = WeightStore::open(dir, &files, &opts.device, opts.dtype)?;
+        if let Some(filter) = opts.trainable {
+            store = store.with_trainable(filter);
+        }
+        let model = Self::new(&store, &cfg)?;
+        Ok((model, store))
+    }
+
+    /// Build from a store; fails on missing, mis-shaped or unexpected weights.
+    pub fn new(store: &WeightStore, cfg: &LlavaConfig) -> Result<Self> {
+        let root = Weights::root(store);
+        let feature_layers = cfg.feature_layer_indices();
+        let depth = feature_layers.iter().copied().max().unwrap_or(0);
+        let vision_tower = ClipVisionTower::new(
+            &root.pp("model.vision_tower.vision_model"),
+            &cfg.vision,
+            depth,
+        )?;
+        let proj_in = cfg.vision.hidden_size * feature_layers.len();
+        let projector = Projector::new(
+            &root.pp("model.multi_modal_projector"),
+            proj_in,
+            cfg.text.hidden_size,
+            cfg.projector_bias,
+        )?;
+        let language_model =
+            LlamaForCausalLm::new(&root.pp("model.language_model"), &root.pp("lm_head"), &cfg.text)?;
+        // Parts HF keeps but LLaVA never runs: the pooled-output norm, layers past the deepest
+        // feature layer, and buffers.
+        let unused_layer = |name: &str| {
+            name.strip_prefix("model.vision_tower.vision_model.encoder.layers.")
+                .and_then(|r| r.split('.').next())
+                .and_then(|i| i.parse::<usize>().ok())
+                .is_some_and(|i| i >= depth)
+        };
+        store.finish(|name| {
+            name.starts_with("model.vision_tower.vision_model.post_layernorm.")
+                || name.ends_with(".position_ids")
+                || name.ends_with("rotary_emb.inv_freq")
+                || unused_layer(name)
+                || (cfg.text.tie_word_embeddings && name == "lm_head.weight")
+        })?;
+        Ok(Self {
+            vision_tower,
+            projector,
+            language_model,
+            cfg: cfg.clone(),
+            feature_layers,
+            device: store.device().clone(),
+        })
+    }
+
+    pub fn config(&self) -> &LlavaConfig {
+        &self.cfg
+    }
+
+    /// Embeddings for `input_ids: [b, s]` with image features spliced in at image-token positions
+    /// (in row-major order, image after image), like HF's `masked_scatter`.
+    fn input_embeds(&self, input_ids: &Tensor, pixel_values: Option<&Tensor>) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        let ids = input_ids.to_dtype(DType::U32)?;
+        let id_rows = ids.to_vec2::<u32>()?;
+        let image_id = self.cfg.image_token_id;
+        let positions: Vec<usize> = id_rows
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter(|(_, &t)| t == image_id)
+            .map(|(p, _)| p)
+            .collect();
+        let vocab = self.cfg.text.vocab_size as u32;
+        // The image token may sit past the embedding table (HF zeroes those ids before lookup).
+        let safe: Vec<u32> = id_rows
+            .iter()
+            .flatten()
+            .map(|&t| if t == image_id && t >= vocab { 0 } else { t })
+            .collect();
+        if let Some(bad) = safe.iter().find(|&&t| t >= vocab) {
+            return Err(Error::Model(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        let safe = Tensor::from_vec(safe, (b, s), &self.device)?;
+        let embeds = self.language_model.embed(&safe)?;
+        let hidden = embeds.dim(2)?;
+        let Some(pixels) = pixel_values else {
+            if !positions.is_empty() {
+                return Err(Error::Model(format!(
+                    "the prompt holds {} image token(s) but no image was given",
+                    positions.len()
+                )));
+            }
+            return Ok(embeds);
+        };
+        let features = self.image_features(pixels)?; // [n, t, h]
+        let (n, t, _) = features.dims3()?;
+        if positions.len() != n * t {
+            return Err(Error::Model(format!(
+                "the prompt holds {} image tokens but {n} image(s) give {} features ({t} each): \
+                 the prompt must expand the image placeholder to {t} tokens per image",
+                positions.len(),
+                n * t
+            )));
+        }
+        let flat = embeds.reshape((b * s, hidden))?;
+        let feats = features.reshape((n * t, hidden))?;
+        Ok(scatter_rows(&flat, &feats, &positions)?.reshape((b, s, hidden))?)
+    }
+
+    fn valid_rows(&self, attention_mask: Option<&Tensor>, b: usize, s: usize) -> Result<Vec<Vec<bool>>> {
+        match attention_mask {
+            None => Ok(vec![vec![true; s]; b]),
+            Some(m) => {
+                if m.dims() != [b, s] {
+                    return Err(Error::Model(format!(
+                        "attention mask has shape {:?}, expected [{b}, {s}]",
+                        m.dims()
+                    )));
+                }
+                let rows = m.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+                Ok(rows.into_iter().map(|r| r.into_iter().map(|v| v != 0).collect()).collect())
+            }
+        }
+    }
+}
+
+impl VisionLanguageModel for LlavaModel {
+    fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let states = self.vision_tower.hidden_states(pixel_values, &self.feature_layers)?;
+        let states = states
+            .into_iter()
+            .map(|h| match self.cfg.select_strategy {
+                SelectStrategy::Default => {
+                    let n = h.dim(1)?;
+                    h.narrow(1, 1, n - 1)
+                }
+                SelectStrategy::Full => Ok(h),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let selected = Tensor::cat(&states, 2)?;
+        let projected = self.projector.forward(&selected)?;
+        Ok(projected.to_dtype(self.language_model.embedding_dtype())?)
+    }
+
+    fn num_image_tokens(&self) -> usize {
+        self.cfg.num_image_tokens()
+    }
+
+    fn image_token_id(&self) -> u32 {
+        self.cfg.image_token_id
+    }
+
+    fn forward(&self, input_ids: &Tensor, pixel_values: Option<&Tensor>, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        let embeds = self.input_embeds(input_ids, pixel_values)?;
+        let valid = self.valid_rows(attention_mask, b, s)?;
+        let positions = position_ids(&valid, 0, &self.device)?;
+        let mask = attention_mask_if_needed(&valid, &self.device)?;
+        Ok(self
+            .language_model
+            .forward_embeds(&embeds, &positions, mask.as_ref(), None)?)
+    }
+
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.text.num_hidden_layers)
+    }
+
+    fn prefill(&self, input_ids: &Tensor, pixel_values: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        let embeds = self.input_embeds(input_ids, pixel_values)?;
+        self.extend(&embeds, cache).map(|l| {
+            debug_assert_eq!(l.dims()[0], b);
+            let _ = s;
+            l
+        })
+    }
+
+    fn step(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let embeds = self.input_embeds(tokens, None)?;
+        self.extend(&embeds, cache)
+    }
+}
+
+impl LlavaModel {
+    /// Append `embeds: [b, s, h]` to the cache; returns the last position's logits `[b, vocab]`.
+    fn extend(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, s, _) = embeds.dims3()?;
+        let offset = cache.len();
+        let valid = vec![vec![true; offset + s]; b];
+        let positions = position_ids(&valid, 0, &self.device)?.narrow(1, offset, s)?;
+        let mask = if s > 1 {
+            Some(attention_mask(&valid, s, offset, &self.device)?)
+        } else {
+            None
+        };
+        let logits = self
+            .language_model
+            .forward_embeds(embeds, &positions, mask.as_ref(), Some(cache))?;
+        Ok(logits.narrow(1, s - 1, 1)?.squeeze(1)?)
+    }
+}
+
+/// The causal mask is always needed for s > 1; padding is folded into the same tensor.
+fn attention_mask_if_needed(valid: &[Vec<bool>], device: &Device) -> Result<Option<Tensor>> {
+    let s = valid.first().map_or(0, |r| r.len());
+    if s <= 1 {
+        return Ok(None);
+    }
+    Ok(Some(attention_mask(valid, s, 0, device)?))
+}

@@ -1,0 +1,46 @@
+//! Model stage: architectures in our own differentiable candle code, and weight loading.
+//!
+//! Every model family implements [`VisionLanguageModel`]; training, scoring and generation only
+//! talk to that trait.
+
+pub mod checkpoint;
+pub mod clip;
+pub mod config;
+pub mod generate;
+pub mod layers;
+pub mod llama;
+pub mod llava;
+pub mod weights;
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+pub use llama::KvCache;
+
+/// What every vision-language model family offers the rest of the crate.
+pub trait VisionLanguageModel {
+    /// Projected image features `[n_images, num_image_tokens, hidden]` for `pixel_values: [n, 3, H, W]`.
+    fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor>;
+    /// How many placeholder tokens one image occupies in the prompt.
+    fn num_image_tokens(&self) -> usize;
+    fn image_token_id(&self) -> u32;
+    /// Full-sequence f32 logits `[b, s, vocab]` for `input_ids: [b, s]` (u32), images spliced in at
+    /// the image-token positions, `attention_mask: [b, s]` (1 = token, 0 = padding).
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        pixel_values: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor>;
+    /// A fresh, empty generation cache.
+    fn new_cache(&self) -> KvCache;
+    /// Run the prompt through the cache; returns the last position's logits `[b, vocab]`.
+    fn prefill(
+        &self,
+        input_ids: &Tensor,
+        pixel_values: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor>;
+    /// Append `tokens: [b, s]` (text only) to the cache; returns the last position's logits.
+    fn step(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
+}

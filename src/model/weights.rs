@@ -1,0 +1,360 @@
+//! Weight loading: every key layout seen in the wild mapped onto one canonical naming, shape
+//! checks with useful errors, and optional wrapping of weights as trainable `Var`s.
+//!
+//! Canonical names are the in-memory module names of transformers >= 4.52
+//! (`model.language_model.layers.0.self_attn.q_proj.weight`, `model.vision_tower.vision_model...`,
+//! `model.multi_modal_projector...`, `lm_head.weight`), because those are what PEFT adapters name.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::error::{Error, Result};
+
+/// Map a checkpoint key of any supported layout to its canonical name; `None` for keys no layout
+/// knows (reported as unexpected).
+pub fn canonical_name(key: &str) -> Option<String> {
+    // transformers 4.x hub layout and 5.x saved layout share the language-model prefix.
+    if let Some(rest) = key.strip_prefix("language_model.model.") {
+        return Some(format!("model.language_model.{rest}"));
+    }
+    if let Some(rest) = key.strip_prefix("language_model.lm_head.") {
+        return Some(format!("lm_head.{rest}"));
+    }
+    if key.starts_with("lm_head.") {
+        return Some(key.to_string());
+    }
+    let rest = key.strip_prefix("model.").unwrap_or(key);
+    if rest.starts_with("language_model.") || rest.starts_with("multi_modal_projector.") {
+        return Some(format!("model.{rest}"));
+    }
+    if let Some(v) = rest.strip_prefix("vision_tower.") {
+        // 5.x drops the `vision_model.` segment.
+        let v = v.strip_prefix("vision_model.").unwrap_or(v);
+        return Some(format!("model.vision_tower.vision_model.{v}"));
+    }
+    None
+}
+
+/// Decides which canonical names become trainable `Var`s.
+pub type TrainableFilter = Box<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// The weights of one checkpoint, loaded lazily (memory-mapped) and handed out by canonical name.
+pub struct WeightStore {
+    files: MmapedSafetensors,
+    /// canonical name -> key in the files
+    keys: BTreeMap<String, String>,
+    dir: PathBuf,
+    device: Device,
+    dtype: DType,
+    used: Mutex<BTreeSet<String>>,
+    trainable: Option<TrainableFilter>,
+    vars: Mutex<Vec<(String, Var)>>,
+}
+
+impl WeightStore {
+    /// Open the safetensors files of a model dir (single file or shards) without reading them.
+    pub fn open(dir: &Path, files: &[PathBuf], device: &Device, dtype: DType) -> Result<Self> {
+        for f in files {
+            check_header(f)?;
+        }
+        // SAFETY: the files are memory-mapped read-only; modifying them while we run is the same
+        // hazard every safetensors loader (HF included) accepts.
+        let st = unsafe { MmapedSafetensors::multi(files) }
+            .map_err(|e| Error::Weights(format!("cannot open safetensors in {}: {e}", dir.display())))?;
+        let mut keys = BTreeMap::new();
+        let mut unknown = Vec::new();
+        for (key, _) in st.tensors() {
+            match canonical_name(&key) {
+                Some(c) => {
+                    if let Some(prev) = keys.insert(c.clone(), key.clone()) {
+                        return Err(Error::Weights(format!(
+                            "keys `{prev}` and `{key}` in {} both map to `{c}`: mixed key layouts",
+                            dir.display()
+                        )));
+                    }
+                }
+                None => unknown.push(key),
+            }
+        }
+        if !unknown.is_empty() {
+            unknown.sort();
+            return Err(Error::Weights(format!(
+                "{} has {} key(s) of no known LLaVA layout, e.g. `{}`",
+                dir.display(),
+                unknown.len(),
+                unknown.iter().take(5).cloned().collect::<Vec<_>>().join("`, `")
+            )));
+        }
+        Ok(Self {
+            files: st,
+            keys,
+            dir: dir.to_path_buf(),
+            device: device.clone(),
+            dtype,
+            used: Mutex::new(BTreeSet::new()),
+            trainable: None,
+            vars: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Weights whose canonical name passes `filter` are returned as `Var`s (kept in f32).
+    pub fn with_trainable(mut self, filter: TrainableFilter) -> Self {
+        self.trainable = Some(filter);
+        self
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.keys.contains_key(name)
+    }
+
+    /// Shape of a weight as stored, if present.
+    pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        let key = self.keys.get(name)?;
+        self.files.get(key).ok().map(|v| v.shape().to_vec())
+    }
+
+    /// Load a weight by canonical name, checking its shape.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let key = self.keys.get(name).ok_or_else(|| {
+            Error::Weights(format!(
+                "missing weight `{name}` (expected shape {shape:?}) in {}",
+                self.dir.display()
+            ))
+        })?;
+        let view = self
+            .files
+            .get(key)
+            .map_err(|e| Error::Weights(format!("`{key}`: {e}")))?;
+        if view.shape() != shape {
+            return Err(Error::Weights(format!(
+                "weight `{key}` in {} has shape {:?}, expected {shape:?} for `{name}` (does config.json match the weights?)",
+                self.dir.display(),
+                view.shape()
+            )));
+        }
+        let t = self
+            .files
+            .load(key, &self.device)
+            .map_err(|e| Error::Weights(format!("cannot load `{key}`: {e}")))?;
+        self.used.lock().expect("poisoned").insert(name.to_string());
+        let trainable = self.trainable.as_ref().is_some_and(|f| f(name));
+        if trainable {
+            // Trainable parameters live in f32 whatever the base dtype (see CANDLE.md).
+            let var = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+            let out = var.as_tensor().clone();
+            self.vars
+                .lock()
+                .expect("poisoned")
+                .push((name.to_string(), var));
+            Ok(out)
+        } else {
+            Ok(t.to_dtype(self.dtype)?)
+        }
+    }
+
+    /// The trainable parameters handed out so far, by canonical name.
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        self.vars.lock().expect("poisoned").clone()
+    }
+
+    /// After building a model: every stored weight must have been used, except those `ignore`
+    /// accepts (buffers, parts of the vision tower the model never runs).
+    pub fn finish(&self, ignore: impl Fn(&str) -> bool) -> Result<()> {
+        let used = self.used.lock().expect("poisoned");
+        let unexpected: Vec<String> = self
+            .keys
+            .iter()
+            .filter(|(c, _)| !used.contains(*c) && !ignore(c))
+            .map(|(_, k)| {
+                let shape = self.files.get(k).map(|v| v.shape().to_vec()).unwrap_or_default();
+                format!("`{k}` {shape:?}")
+            })
+            .collect();
+        if unexpected.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Weights(format!(
+            "{} unexpected weight(s) in {} that the model does not use (does config.json match the weights?): {}",
+            unexpected.len(),
+            self.dir.display(),
+            unexpected.iter().take(10).cloned().collect::<Vec<_>>().join(", ")
+        )))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// Read the safetensors header ourselves first, so a truncated or non-safetensors file gets an
+/// error naming it rather than a bare deserialisation message.
+fn check_header(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|_| {
+        Error::Weights(format!("{} is not a safetensors file (too short)", path.display()))
+    })?;
+    let n = u64::from_le_bytes(len);
+    let size = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    if n == 0 || n > size.saturating_sub(8) {
+        return Err(Error::Weights(format!(
+            "{} is not a safetensors file (bad header length {n})",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// A prefix into a [`WeightStore`], in the style of candle's `VarBuilder`.
+#[derive(Clone)]
+pub struct Weights<'a> {
+    store: &'a WeightStore,
+    prefix: String,
+}
+
+impl<'a> Weights<'a> {
+    pub fn root(store: &'a WeightStore) -> Self {
+        Weights {
+            store,
+            prefix: String::new(),
+        }
+    }
+
+    pub fn pp(&self, name: impl AsRef<str>) -> Weights<'a> {
+        let name = name.as_ref();
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        Weights {
+            store: self.store,
+            prefix,
+        }
+    }
+    pub fn name(&self, leaf: &str) -> String {
+        if self.prefix.is_empty() {
+            leaf.to_string()
+        } else {
+            format!("{}.{leaf}", self.prefix)
+        }
+    }
+    pub fn get(&self, leaf: &str, shape: &[usize]) -> Result<Tensor> {
+        self.store.get(&self.name(leaf), shape)
+    }
+    pub fn contains(&self, leaf: &str) -> bool {
+        self.store.contains(&self.name(leaf))
+    }
+    pub fn path(&self) -> &str {
+        &self.prefix
+    }
+    pub fn store(&self) -> &'a WeightStore {
+        self.store
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_layout_maps_to_the_same_canonical_names() {
+        let canon = "model.language_model.layers.0.self_attn.q_proj.weight";
+        for k in [
+            "language_model.model.layers.0.self_attn.q_proj.weight",
+            "model.language_model.layers.0.self_attn.q_proj.weight",
+        ] {
+            assert_eq!(canonical_name(k).as_deref(), Some(canon));
+        }
+        let canon = "model.vision_tower.vision_model.encoder.layers.1.mlp.fc1.weight";
+        for k in [
+            "vision_tower.vision_model.encoder.layers.1.mlp.fc1.weight",
+            "vision_tower.encoder.layers.1.mlp.fc1.weight",
+            "model.vision_tower.vision_model.encoder.layers.1.mlp.fc1.weight",
+            "model.vision_tower.encoder.layers.1.mlp.fc1.weight",
+        ] {
+            assert_eq!(canonical_name(k).as_deref(), Some(canon), "{k}");
+        }
+        for k in ["language_model.lm_head.weight", "lm_head.weight"] {
+            assert_eq!(canonical_name(k).as_deref(), Some("lm_head.weight"));
+        }
+        for k in ["multi_modal_projector.linear_1.bias", "model.multi_modal_projector.linear_1.bias"] {
+            assert_eq!(
+                canonical_name(k).as_deref(),
+                Some("model.multi_modal_projector.linear_1.bias")
+            );
+        }
+        assert_eq!(canonical_name("text_model.embeddings.weight"), None);
+    }
+
+    fn write_st(dir: &Path, tensors: &[(&str, Tensor)]) -> PathBuf {
+        let p = dir.join("model.safetensors");
+        let map: std::collections::HashMap<String, Tensor> =
+            tensors.iter().map(|(k, t)| (k.to_string(), t.clone())).collect();
+        candle_core::safetensors::save(&map, &p).unwrap();
+        p
+    }
+
+    #[test]
+    fn shape_missing_and_unexpected_errors_name_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = Device::Cpu;
+        let f = write_st(
+            dir.path(),
+            &[
+                ("language_model.model.norm.weight", Tensor::ones(4, DType::F32, &dev).unwrap()),
+                ("multi_modal_projector.linear_1.bias", Tensor::ones(3, DType::F32, &dev).unwrap()),
+            ],
+        );
+        let store = WeightStore::open(dir.path(), &[f], &dev, DType::F32).unwrap();
+        let e = store.get("model.language_model.norm.weight", &[5]).unwrap_err().to_string();
+        assert!(e.contains("language_model.model.norm.weight") && e.contains("[4]") && e.contains("[5]"), "{e}");
+        let e = store.get("lm_head.weight", &[2, 2]).unwrap_err().to_string();
+        assert!(e.contains("missing weight `lm_head.weight`"), "{e}");
+        store.get("model.language_model.norm.weight", &[4]).unwrap();
+        let e = store.finish(|_| false).unwrap_err().to_string();
+        assert!(e.contains("multi_modal_projector.linear_1.bias"), "{e}");
+        assert!(store.finish(|n| n.contains("projector")).is_ok());
+    }
+
+    #[test]
+    fn trainable_weights_are_f32_vars() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = Device::Cpu;
+        let f = write_st(
+            dir.path(),
+            &[("lm_head.weight", Tensor::ones((2, 2), DType::F32, &dev).unwrap())],
+        );
+        let store = WeightStore::open(dir.path(), &[f], &dev, DType::BF16)
+            .unwrap()
+            .with_trainable(Box::new(|n| n.starts_with("lm_head")));
+        let t = store.get("lm_head.weight", &[2, 2]).unwrap();
+        assert_eq!(t.dtype(), DType::F32);
+        assert_eq!(store.trainable_vars().len(), 1);
+    }
+
+    #[test]
+    fn garbage_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("model.safetensors");
+        std::fs::write(&p, b"not a safetensors file at all").unwrap();
+        let e = WeightStore::open(dir.path(), &[p.clone()], &Device::Cpu, DType::F32)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("model.safetensors"), "{e}");
+    }
+}
