@@ -112,7 +112,7 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 IMAGE_SIZE = 30
 PATCH_SIZE = 6
 
-RAW_PROMPT = "USER: <image>\nWhat is shown? ASSISTANT:"
+RAW_PROMPT = "USER: <image>\nDescribe the cell. ASSISTANT:"  # differs from the chat-templated prompt on purpose
 CHAT_USER_TEXT = "What is shown?"
 BATCH_PROMPTS = [
     "USER: <image>\nWhat is shown? ASSISTANT:",
