@@ -32,7 +32,8 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
             "--model {spec} is a file; pass the checkpoint directory that holds config.json"
         )));
     }
-    let looks_like_repo = spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.starts_with('/');
+    let looks_like_repo =
+        spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.starts_with('/');
     if !looks_like_repo {
         return Err(Error::Hub(format!(
             "--model {spec}: no such directory, and not a Hub repo id of the form org/name"
@@ -197,10 +198,15 @@ mod tests {
         // Env vars are process-global: this is the only test that sets them.
         std::env::set_var("HF_HOME", home.path());
         std::env::set_var("HF_HUB_OFFLINE", "1");
-        let e = resolve_model("nobody/no-such-model").unwrap_err().to_string();
+        let e = resolve_model("nobody/no-such-model")
+            .unwrap_err()
+            .to_string();
         std::env::remove_var("HF_HUB_OFFLINE");
         std::env::remove_var("HF_HOME");
-        assert!(e.contains("HF_HUB_OFFLINE") && e.contains("not in the Hub cache"), "{e}");
+        assert!(
+            e.contains("HF_HUB_OFFLINE") && e.contains("not in the Hub cache"),
+            "{e}"
+        );
     }
 
     #[test]

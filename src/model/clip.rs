@@ -23,7 +23,9 @@ impl ClipEmbeddings {
         let h = cfg.hidden_size;
         let p = cfg.patch_size;
         Ok(Self {
-            patch_weight: w.pp("patch_embedding").get("weight", &[h, cfg.num_channels, p, p])?,
+            patch_weight: w
+                .pp("patch_embedding")
+                .get("weight", &[h, cfg.num_channels, p, p])?,
             class_embedding: w.get("class_embedding", &[h])?,
             position_embedding: w
                 .pp("position_embedding")
@@ -79,7 +81,9 @@ impl Module for ClipAttention {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let split = |t: Tensor| -> candle_core::Result<Tensor> {
-            t.reshape((b, s, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+            t.reshape((b, s, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let q = split(self.q_proj.forward(x)?)?;
         let k = split(self.k_proj.forward(x)?)?;
@@ -152,7 +156,8 @@ impl ClipVisionTower {
     /// `w` points at `...vision_model`; builds `num_layers` encoder layers (the deepest one read).
     pub fn new(w: &Weights, cfg: &VisionConfig, num_layers: usize) -> Result<Self> {
         let embeddings = ClipEmbeddings::new(&w.pp("embeddings"), cfg)?;
-        let pre_layrnorm = LayerNorm::new(&w.pp("pre_layrnorm"), cfg.hidden_size, cfg.layer_norm_eps)?;
+        let pre_layrnorm =
+            LayerNorm::new(&w.pp("pre_layrnorm"), cfg.hidden_size, cfg.layer_norm_eps)?;
         let layers = (0..num_layers)
             .map(|i| ClipEncoderLayer::new(&w.pp(format!("encoder.layers.{i}")), cfg))
             .collect::<Result<Vec<_>>>()?;
@@ -165,8 +170,14 @@ impl ClipVisionTower {
 
     /// Hidden states `[0 = after pre_layrnorm, i = after layer i]`, for the requested indices only,
     /// in the order requested.
-    pub fn hidden_states(&self, pixels: &Tensor, wanted: &[usize]) -> candle_core::Result<Vec<Tensor>> {
-        let mut x = self.pre_layrnorm.forward(&self.embeddings.forward(pixels)?)?;
+    pub fn hidden_states(
+        &self,
+        pixels: &Tensor,
+        wanted: &[usize],
+    ) -> candle_core::Result<Vec<Tensor>> {
+        let mut x = self
+            .pre_layrnorm
+            .forward(&self.embeddings.forward(pixels)?)?;
         let mut states: Vec<Option<Tensor>> = vec![None; self.layers.len() + 1];
         let keep = |i: usize, x: &Tensor, states: &mut Vec<Option<Tensor>>| {
             if wanted.contains(&i) {
@@ -181,11 +192,9 @@ impl ClipVisionTower {
         wanted
             .iter()
             .map(|&i| {
-                states
-                    .get(i)
-                    .cloned()
-                    .flatten()
-                    .ok_or_else(|| candle_core::Error::Msg(format!("vision hidden state {i} was not computed")))
+                states.get(i).cloned().flatten().ok_or_else(|| {
+                    candle_core::Error::Msg(format!("vision hidden state {i} was not computed"))
+                })
             })
             .collect()
     }

@@ -105,7 +105,9 @@ pub enum TextFamily {
 pub enum RopeKind {
     Default,
     /// Positions divided by `factor` (HF "linear").
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama-3.1 frequency smoothing.
     Llama3 {
         factor: f64,
@@ -224,7 +226,10 @@ fn resolve(raw: RawLlavaConfig, path: &Path) -> Result<LlavaConfig> {
     }
     let text = resolve_text(&raw.text_config, raw.tie_word_embeddings, path)?;
     let vision = resolve_vision(&raw.vision_config, path)?;
-    let image_token_id = raw.image_token_id.or(raw.image_token_index).unwrap_or(32000);
+    let image_token_id = raw
+        .image_token_id
+        .or(raw.image_token_index)
+        .unwrap_or(32000);
     let vision_feature_layers = raw
         .vision_feature_layer
         .unwrap_or(FeatureLayer::One(-2))
@@ -296,7 +301,9 @@ fn resolve_text(raw: &RawTextConfig, top_tie: Option<bool>, path: &Path) -> Resu
         .num_key_value_heads
         .or(d_kv)
         .unwrap_or(num_attention_heads);
-    let head_dim = raw.head_dim.unwrap_or(hidden_size / num_attention_heads.max(1));
+    let head_dim = raw
+        .head_dim
+        .unwrap_or(hidden_size / num_attention_heads.max(1));
     if num_attention_heads == 0 || num_key_value_heads == 0 {
         return Err(bad(path, "text_config.num_attention_heads", "must be > 0"));
     }
@@ -304,7 +311,9 @@ fn resolve_text(raw: &RawTextConfig, top_tie: Option<bool>, path: &Path) -> Resu
         return Err(bad(
             path,
             "text_config.num_key_value_heads",
-            format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"),
+            format!(
+                "{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"
+            ),
         ));
     }
     if head_dim % 2 != 0 {
@@ -362,9 +371,15 @@ fn resolve_rope(p: Option<&RopeParameters>, path: &Path) -> Result<RopeKind> {
             factor: need(p.factor, "factor")?,
             low_freq_factor: need(p.low_freq_factor, "low_freq_factor")?,
             high_freq_factor: need(p.high_freq_factor, "high_freq_factor")?,
-            original_max_position_embeddings: p
-                .original_max_position_embeddings
-                .ok_or_else(|| bad(path, &format!("{key}.original_max_position_embeddings"), "missing"))?,
+            original_max_position_embeddings: p.original_max_position_embeddings.ok_or_else(
+                || {
+                    bad(
+                        path,
+                        &format!("{key}.original_max_position_embeddings"),
+                        "missing",
+                    )
+                },
+            )?,
         },
         Some(other) => {
             return Err(bad(
@@ -475,7 +490,10 @@ mod tests {
     #[test]
     fn bad_values_name_the_key() {
         let e = parse(r#"{"vision_feature_select_strategy":"cls"}"#).unwrap_err();
-        assert!(e.to_string().contains("vision_feature_select_strategy"), "{e}");
+        assert!(
+            e.to_string().contains("vision_feature_select_strategy"),
+            "{e}"
+        );
         let e = parse(r#"{"text_config":{"rope_scaling":{"rope_type":"yarn","factor":2.0}}}"#)
             .unwrap_err();
         assert!(e.to_string().contains("rope_type"), "{e}");

@@ -39,7 +39,10 @@ pub fn greedy(
 
 /// Index of the largest logit of `[1, vocab]`; ties go to the lowest index, as torch's argmax.
 fn argmax(logits: &Tensor) -> Result<u32> {
-    let row = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let row = logits
+        .flatten_all()?
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?;
     let mut best = 0usize;
     for (i, &v) in row.iter().enumerate() {
         if v > row[best] {

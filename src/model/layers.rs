@@ -102,7 +102,9 @@ impl Module for RmsNorm {
         let dtype = x.dtype();
         let xf = upcast(x)?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        let normed = xf
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .to_dtype(dtype)?;
         normed.broadcast_mul(&self.weight.to_dtype(dtype)?)
     }
 }
@@ -151,7 +153,13 @@ pub fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
 
 /// Scaled dot-product attention on `[b, h, s, d]` tensors with an optional additive mask
 /// broadcastable to `[b, h, s_q, s_kv]`; softmax in f32 as HF's eager path does.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> candle_core::Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
     let scores = (q.matmul(&k.t()?)? * scale)?;
     let scores = match mask {
         Some(m) => upcast(&scores)?.broadcast_add(m)?,
@@ -180,7 +188,12 @@ pub struct Rope {
 
 impl Rope {
     /// `inv_freq` holds head_dim/2 inverse frequencies (already adjusted for the scaling rule).
-    pub fn new(inv_freq: &[f64], max_pos: usize, dtype: DType, device: &candle_core::Device) -> Result<Self> {
+    pub fn new(
+        inv_freq: &[f64],
+        max_pos: usize,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
         let half = inv_freq.len();
         let mut cos = Vec::with_capacity(max_pos * half * 2);
         let mut sin = Vec::with_capacity(max_pos * half * 2);
@@ -205,8 +218,16 @@ impl Rope {
     pub fn apply(&self, x: &Tensor, positions: &Tensor) -> candle_core::Result<Tensor> {
         let (b, _h, s, d) = x.dims4()?;
         let flat = positions.flatten_all()?;
-        let cos = self.cos.index_select(&flat, 0)?.reshape((b, 1, s, d))?.to_dtype(x.dtype())?;
-        let sin = self.sin.index_select(&flat, 0)?.reshape((b, 1, s, d))?.to_dtype(x.dtype())?;
+        let cos = self
+            .cos
+            .index_select(&flat, 0)?
+            .reshape((b, 1, s, d))?
+            .to_dtype(x.dtype())?;
+        let sin = self
+            .sin
+            .index_select(&flat, 0)?
+            .reshape((b, 1, s, d))?
+            .to_dtype(x.dtype())?;
         let x1 = x.narrow(3, 0, d / 2)?;
         let x2 = x.narrow(3, d / 2, d / 2)?;
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
@@ -217,7 +238,11 @@ impl Rope {
 /// Replace rows of `base: [n, h]` at `positions` (sorted or not) by the rows of `rows: [m, h]`,
 /// m = positions.len(). Built from `cat` + `index_select`, so gradients flow to both inputs: this is
 /// how image features (and later proxy vectors) enter the token stream.
-pub fn scatter_rows(base: &Tensor, rows: &Tensor, positions: &[usize]) -> candle_core::Result<Tensor> {
+pub fn scatter_rows(
+    base: &Tensor,
+    rows: &Tensor,
+    positions: &[usize],
+) -> candle_core::Result<Tensor> {
     let n = base.dim(0)?;
     let m = rows.dim(0)?;
     if positions.len() != m {

@@ -37,8 +37,9 @@ impl KvCache {
     }
 }
 
+/// Self-attention with RoPE and grouped-query heads.
 #[derive(Debug, Clone)]
-struct Attention {
+pub struct Attention {
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
@@ -49,7 +50,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(w: &Weights, cfg: &TextConfig) -> Result<Self> {
+    pub fn new(w: &Weights, cfg: &TextConfig) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let bias = cfg.attention_bias;
         Ok(Self {
@@ -63,7 +64,7 @@ impl Attention {
         })
     }
 
-    fn forward(
+    pub fn forward(
         &self,
         x: &Tensor,
         rope: &Rope,
@@ -73,7 +74,9 @@ impl Attention {
     ) -> candle_core::Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let split = |t: Tensor, heads: usize| -> candle_core::Result<Tensor> {
-            t.reshape((b, s, heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+            t.reshape((b, s, heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let q = rope.apply(&split(self.q_proj.forward(x)?, self.heads)?, positions)?;
         let mut k = rope.apply(&split(self.k_proj.forward(x)?, self.kv_heads)?, positions)?;
@@ -95,15 +98,16 @@ impl Attention {
     }
 }
 
+/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
 #[derive(Debug, Clone)]
-struct Mlp {
+pub struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
 }
 
 impl Mlp {
-    fn new(w: &Weights, cfg: &TextConfig) -> Result<Self> {
+    pub fn new(w: &Weights, cfg: &TextConfig) -> Result<Self> {
         let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
         Ok(Self {
             gate_proj: Linear::new(&w.pp("gate_proj"), h, i, bias)?,
@@ -120,8 +124,9 @@ impl Module for Mlp {
     }
 }
 
+/// Pre-norm decoder block.
 #[derive(Debug, Clone)]
-struct DecoderLayer {
+pub struct DecoderLayer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
@@ -129,7 +134,7 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(w: &Weights, cfg: &TextConfig) -> Result<Self> {
+    pub fn new(w: &Weights, cfg: &TextConfig) -> Result<Self> {
         let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         Ok(Self {
             input_layernorm: RmsNorm::new(&w.pp("input_layernorm"), h, eps)?,
@@ -139,7 +144,7 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(
+    pub fn forward(
         &self,
         x: &Tensor,
         rope: &Rope,
@@ -147,11 +152,17 @@ impl DecoderLayer {
         mask: Option<&Tensor>,
         cache: Option<&mut LayerCache>,
     ) -> candle_core::Result<Tensor> {
-        let h = self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x)?, rope, positions, mask, cache)?;
+        let h = self.self_attn.forward(
+            &self.input_layernorm.forward(x)?,
+            rope,
+            positions,
+            mask,
+            cache,
+        )?;
         let x = (x + h)?;
-        &x + self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?
+        &x + self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?)?
     }
 }
 
@@ -168,7 +179,8 @@ pub struct LlamaForCausalLm {
 
 impl LlamaForCausalLm {
     pub fn new(w_model: &Weights, w_head: &Weights, cfg: &TextConfig) -> Result<Self> {
-        let embed_tokens = Embedding::new(&w_model.pp("embed_tokens"), cfg.vocab_size, cfg.hidden_size)?;
+        let embed_tokens =
+            Embedding::new(&w_model.pp("embed_tokens"), cfg.vocab_size, cfg.hidden_size)?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::new(&w_model.pp(format!("layers.{i}")), cfg))
             .collect::<Result<Vec<_>>>()?;
@@ -266,7 +278,8 @@ pub fn inv_freq(cfg: &TextConfig) -> Vec<f64> {
                     } else if wavelen > low_wavelen {
                         f / factor
                     } else {
-                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * f / factor + smooth * f
                     }
                 })
@@ -278,17 +291,29 @@ pub fn inv_freq(cfg: &TextConfig) -> Vec<f64> {
 /// Additive attention mask `[b, 1, s_q, offset + s_q]` (0 = attend, f32::MIN = blocked): causal, and
 /// blocking key positions whose `key_valid` entry is false. f32::MIN rather than -inf keeps rows of
 /// padding queries finite (uniform) instead of NaN, as HF does.
-pub fn attention_mask(key_valid: &[Vec<bool>], s_q: usize, offset: usize, device: &Device) -> candle_core::Result<Tensor> {
+pub fn attention_mask(
+    key_valid: &[Vec<bool>],
+    s_q: usize,
+    offset: usize,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
     let b = key_valid.len();
     let s_kv = offset + s_q;
     let mut data = Vec::with_capacity(b * s_q * s_kv);
     for row in key_valid {
         if row.len() != s_kv {
-            candle_core::bail!("attention mask row has {} entries, expected {s_kv}", row.len());
+            candle_core::bail!(
+                "attention mask row has {} entries, expected {s_kv}",
+                row.len()
+            );
         }
         for i in 0..s_q {
             for (j, &valid) in row.iter().enumerate() {
-                data.push(if valid && j <= offset + i { 0f32 } else { f32::MIN });
+                data.push(if valid && j <= offset + i {
+                    0f32
+                } else {
+                    f32::MIN
+                });
             }
         }
     }
@@ -297,7 +322,11 @@ pub fn attention_mask(key_valid: &[Vec<bool>], s_q: usize, offset: usize, device
 
 /// Position ids from a padding mask: `cumsum(mask) - 1`, padding positions set to 1 (HF generate's
 /// rule). Equals `0..s` for unpadded or right-padded rows.
-pub fn position_ids(valid: &[Vec<bool>], offset: usize, device: &Device) -> candle_core::Result<Tensor> {
+pub fn position_ids(
+    valid: &[Vec<bool>],
+    offset: usize,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
     let b = valid.len();
     let s = valid.first().map_or(0, |r| r.len());
     let mut data = Vec::with_capacity(b * s);

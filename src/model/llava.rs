@@ -11,7 +11,7 @@ use crate::model::clip::ClipVisionTower;
 use crate::model::config::{LlavaConfig, SelectStrategy};
 use crate::model::layers::{scatter_rows, Linear};
 use crate::model::llama::{attention_mask, position_ids, KvCache, LlamaForCausalLm};
-use crate::model::weights::{TrainableFilter, WeightStore, Weights};
+use crate::model::weights::{llava_canonical_name, TrainableFilter, WeightStore, Weights};
 use crate::model::VisionLanguageModel;
 
 /// `linear_2(gelu(linear_1(x)))`, erf GELU as torch's default.
@@ -32,7 +32,8 @@ impl Projector {
 
 impl Module for Projector {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.linear_2.forward(&self.linear_1.forward(x)?.gelu_erf()?)
+        self.linear_2
+            .forward(&self.linear_1.forward(x)?.gelu_erf()?)
     }
 }
 
@@ -70,7 +71,8 @@ impl LlavaModel {
     pub fn load(dir: &Path, opts: LoadOptions) -> Result<(Self, WeightStore)> {
         let cfg = LlavaConfig::from_file(&dir.join("config.json"))?;
         let files = weight_files(dir)?;
-        let mut store = WeightStore::open(dir, &files, &opts.device, opts.dtype)?;
+        let mut store =
+            WeightStore::open(dir, &files, &opts.device, opts.dtype, llava_canonical_name)?;
         if let Some(filter) = opts.trainable {
             store = store.with_trainable(filter);
         }
@@ -95,8 +97,11 @@ impl LlavaModel {
             cfg.text.hidden_size,
             cfg.projector_bias,
         )?;
-        let language_model =
-            LlamaForCausalLm::new(&root.pp("model.language_model"), &root.pp("lm_head"), &cfg.text)?;
+        let language_model = LlamaForCausalLm::new(
+            &root.pp("model.language_model"),
+            &root.pp("lm_head"),
+            &cfg.text,
+        )?;
         // Parts HF keeps but LLaVA never runs: the pooled-output norm, layers past the deepest
         // feature layer, and buffers.
         let unused_layer = |name: &str| {
@@ -179,7 +184,12 @@ impl LlavaModel {
         Ok(scatter_rows(&flat, &feats, &positions)?.reshape((b, s, hidden))?)
     }
 
-    fn valid_rows(&self, attention_mask: Option<&Tensor>, b: usize, s: usize) -> Result<Vec<Vec<bool>>> {
+    fn valid_rows(
+        &self,
+        attention_mask: Option<&Tensor>,
+        b: usize,
+        s: usize,
+    ) -> Result<Vec<Vec<bool>>> {
         match attention_mask {
             None => Ok(vec![vec![true; s]; b]),
             Some(m) => {
@@ -190,7 +200,10 @@ impl LlavaModel {
                     )));
                 }
                 let rows = m.to_dtype(DType::U32)?.to_vec2::<u32>()?;
-                Ok(rows.into_iter().map(|r| r.into_iter().map(|v| v != 0).collect()).collect())
+                Ok(rows
+                    .into_iter()
+                    .map(|r| r.into_iter().map(|v| v != 0).collect())
+                    .collect())
             }
         }
     }
@@ -198,7 +211,9 @@ impl LlavaModel {
 
 impl VisionLanguageModel for LlavaModel {
     fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let states = self.vision_tower.hidden_states(pixel_values, &self.feature_layers)?;
+        let states = self
+            .vision_tower
+            .hidden_states(pixel_values, &self.feature_layers)?;
         let states = states
             .into_iter()
             .map(|h| match self.cfg.select_strategy {
@@ -222,7 +237,12 @@ impl VisionLanguageModel for LlavaModel {
         self.cfg.image_token_id
     }
 
-    fn forward(&self, input_ids: &Tensor, pixel_values: Option<&Tensor>, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        pixel_values: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
         let embeds = self.input_embeds(input_ids, pixel_values)?;
         let valid = self.valid_rows(attention_mask, b, s)?;
@@ -237,7 +257,12 @@ impl VisionLanguageModel for LlavaModel {
         KvCache::new(self.cfg.text.num_hidden_layers)
     }
 
-    fn prefill(&self, input_ids: &Tensor, pixel_values: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
+    fn prefill(
+        &self,
+        input_ids: &Tensor,
+        pixel_values: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
         let embeds = self.input_embeds(input_ids, pixel_values)?;
         self.extend(&embeds, cache).map(|l| {
@@ -265,9 +290,9 @@ impl LlavaModel {
         } else {
             None
         };
-        let logits = self
-            .language_model
-            .forward_embeds(embeds, &positions, mask.as_ref(), Some(cache))?;
+        let logits =
+            self.language_model
+                .forward_embeds(embeds, &positions, mask.as_ref(), Some(cache))?;
         Ok(logits.narrow(1, s - 1, 1)?.squeeze(1)?)
     }
 }

@@ -7,6 +7,8 @@ pub mod checkpoint;
 pub mod clip;
 pub mod config;
 pub mod generate;
+#[cfg(test)]
+mod gradcheck;
 pub mod layers;
 pub mod llama;
 pub mod llava;

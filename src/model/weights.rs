@@ -14,9 +14,17 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use crate::error::{Error, Result};
 
-/// Map a checkpoint key of any supported layout to its canonical name; `None` for keys no layout
-/// knows (reported as unexpected).
-pub fn canonical_name(key: &str) -> Option<String> {
+/// Maps a key as stored in a checkpoint to its canonical name; `None` = no known layout.
+pub type KeyMap = fn(&str) -> Option<String>;
+
+/// Keys used as stored (tests, programmatic checkpoints).
+pub fn identity_keys(key: &str) -> Option<String> {
+    Some(key.to_string())
+}
+
+/// LLaVA: map a checkpoint key of any supported layout to its canonical name; `None` for keys no
+/// layout knows (reported as unexpected).
+pub fn llava_canonical_name(key: &str) -> Option<String> {
     // transformers 4.x hub layout and 5.x saved layout share the language-model prefix.
     if let Some(rest) = key.strip_prefix("language_model.model.") {
         return Some(format!("model.language_model.{rest}"));
@@ -57,18 +65,25 @@ pub struct WeightStore {
 
 impl WeightStore {
     /// Open the safetensors files of a model dir (single file or shards) without reading them.
-    pub fn open(dir: &Path, files: &[PathBuf], device: &Device, dtype: DType) -> Result<Self> {
+    pub fn open(
+        dir: &Path,
+        files: &[PathBuf],
+        device: &Device,
+        dtype: DType,
+        key_map: KeyMap,
+    ) -> Result<Self> {
         for f in files {
             check_header(f)?;
         }
         // SAFETY: the files are memory-mapped read-only; modifying them while we run is the same
         // hazard every safetensors loader (HF included) accepts.
-        let st = unsafe { MmapedSafetensors::multi(files) }
-            .map_err(|e| Error::Weights(format!("cannot open safetensors in {}: {e}", dir.display())))?;
+        let st = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| {
+            Error::Weights(format!("cannot open safetensors in {}: {e}", dir.display()))
+        })?;
         let mut keys = BTreeMap::new();
         let mut unknown = Vec::new();
         for (key, _) in st.tensors() {
-            match canonical_name(&key) {
+            match key_map(&key) {
                 Some(c) => {
                     if let Some(prev) = keys.insert(c.clone(), key.clone()) {
                         return Err(Error::Weights(format!(
@@ -83,10 +98,15 @@ impl WeightStore {
         if !unknown.is_empty() {
             unknown.sort();
             return Err(Error::Weights(format!(
-                "{} has {} key(s) of no known LLaVA layout, e.g. `{}`",
+                "{} has {} key(s) of no known key layout, e.g. `{}`",
                 dir.display(),
                 unknown.len(),
-                unknown.iter().take(5).cloned().collect::<Vec<_>>().join("`, `")
+                unknown
+                    .iter()
+                    .take(5)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("`, `")
             )));
         }
         Ok(Self {
@@ -151,8 +171,14 @@ impl WeightStore {
         self.used.lock().expect("poisoned").insert(name.to_string());
         let trainable = self.trainable.as_ref().is_some_and(|f| f(name));
         if trainable {
-            // Trainable parameters live in f32 whatever the base dtype (see CANDLE.md).
-            let var = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+            // Trainable parameters live in f32 whatever the base dtype (see CANDLE.md); f64 stays
+            // f64 so gradient checks can run in double precision.
+            let dtype = if self.dtype == DType::F64 {
+                DType::F64
+            } else {
+                DType::F32
+            };
+            let var = Var::from_tensor(&t.to_dtype(dtype)?)?;
             let out = var.as_tensor().clone();
             self.vars
                 .lock()
@@ -178,7 +204,11 @@ impl WeightStore {
             .iter()
             .filter(|(c, _)| !used.contains(*c) && !ignore(c))
             .map(|(_, k)| {
-                let shape = self.files.get(k).map(|v| v.shape().to_vec()).unwrap_or_default();
+                let shape = self
+                    .files
+                    .get(k)
+                    .map(|v| v.shape().to_vec())
+                    .unwrap_or_default();
                 format!("`{k}` {shape:?}")
             })
             .collect();
@@ -205,7 +235,10 @@ fn check_header(path: &Path) -> Result<()> {
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut len = [0u8; 8];
     f.read_exact(&mut len).map_err(|_| {
-        Error::Weights(format!("{} is not a safetensors file (too short)", path.display()))
+        Error::Weights(format!(
+            "{} is not a safetensors file (too short)",
+            path.display()
+        ))
     })?;
     let n = u64::from_le_bytes(len);
     let size = f.metadata().map_err(|e| Error::io(path, e))?.len();
@@ -277,7 +310,7 @@ mod tests {
             "language_model.model.layers.0.self_attn.q_proj.weight",
             "model.language_model.layers.0.self_attn.q_proj.weight",
         ] {
-            assert_eq!(canonical_name(k).as_deref(), Some(canon));
+            assert_eq!(llava_canonical_name(k).as_deref(), Some(canon));
         }
         let canon = "model.vision_tower.vision_model.encoder.layers.1.mlp.fc1.weight";
         for k in [
@@ -286,24 +319,29 @@ mod tests {
             "model.vision_tower.vision_model.encoder.layers.1.mlp.fc1.weight",
             "model.vision_tower.encoder.layers.1.mlp.fc1.weight",
         ] {
-            assert_eq!(canonical_name(k).as_deref(), Some(canon), "{k}");
+            assert_eq!(llava_canonical_name(k).as_deref(), Some(canon), "{k}");
         }
         for k in ["language_model.lm_head.weight", "lm_head.weight"] {
-            assert_eq!(canonical_name(k).as_deref(), Some("lm_head.weight"));
+            assert_eq!(llava_canonical_name(k).as_deref(), Some("lm_head.weight"));
         }
-        for k in ["multi_modal_projector.linear_1.bias", "model.multi_modal_projector.linear_1.bias"] {
+        for k in [
+            "multi_modal_projector.linear_1.bias",
+            "model.multi_modal_projector.linear_1.bias",
+        ] {
             assert_eq!(
-                canonical_name(k).as_deref(),
+                llava_canonical_name(k).as_deref(),
                 Some("model.multi_modal_projector.linear_1.bias")
             );
         }
-        assert_eq!(canonical_name("text_model.embeddings.weight"), None);
+        assert_eq!(llava_canonical_name("text_model.embeddings.weight"), None);
     }
 
     fn write_st(dir: &Path, tensors: &[(&str, Tensor)]) -> PathBuf {
         let p = dir.join("model.safetensors");
-        let map: std::collections::HashMap<String, Tensor> =
-            tensors.iter().map(|(k, t)| (k.to_string(), t.clone())).collect();
+        let map: std::collections::HashMap<String, Tensor> = tensors
+            .iter()
+            .map(|(k, t)| (k.to_string(), t.clone()))
+            .collect();
         candle_core::safetensors::save(&map, &p).unwrap();
         p
     }
@@ -315,14 +353,32 @@ mod tests {
         let f = write_st(
             dir.path(),
             &[
-                ("language_model.model.norm.weight", Tensor::ones(4, DType::F32, &dev).unwrap()),
-                ("multi_modal_projector.linear_1.bias", Tensor::ones(3, DType::F32, &dev).unwrap()),
+                (
+                    "language_model.model.norm.weight",
+                    Tensor::ones(4, DType::F32, &dev).unwrap(),
+                ),
+                (
+                    "multi_modal_projector.linear_1.bias",
+                    Tensor::ones(3, DType::F32, &dev).unwrap(),
+                ),
             ],
         );
-        let store = WeightStore::open(dir.path(), &[f], &dev, DType::F32).unwrap();
-        let e = store.get("model.language_model.norm.weight", &[5]).unwrap_err().to_string();
-        assert!(e.contains("language_model.model.norm.weight") && e.contains("[4]") && e.contains("[5]"), "{e}");
-        let e = store.get("lm_head.weight", &[2, 2]).unwrap_err().to_string();
+        let store =
+            WeightStore::open(dir.path(), &[f], &dev, DType::F32, llava_canonical_name).unwrap();
+        let e = store
+            .get("model.language_model.norm.weight", &[5])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("language_model.model.norm.weight")
+                && e.contains("[4]")
+                && e.contains("[5]"),
+            "{e}"
+        );
+        let e = store
+            .get("lm_head.weight", &[2, 2])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("missing weight `lm_head.weight`"), "{e}");
         store.get("model.language_model.norm.weight", &[4]).unwrap();
         let e = store.finish(|_| false).unwrap_err().to_string();
@@ -336,9 +392,12 @@ mod tests {
         let dev = Device::Cpu;
         let f = write_st(
             dir.path(),
-            &[("lm_head.weight", Tensor::ones((2, 2), DType::F32, &dev).unwrap())],
+            &[(
+                "lm_head.weight",
+                Tensor::ones((2, 2), DType::F32, &dev).unwrap(),
+            )],
         );
-        let store = WeightStore::open(dir.path(), &[f], &dev, DType::BF16)
+        let store = WeightStore::open(dir.path(), &[f], &dev, DType::BF16, identity_keys)
             .unwrap()
             .with_trainable(Box::new(|n| n.starts_with("lm_head")));
         let t = store.get("lm_head.weight", &[2, 2]).unwrap();
@@ -351,10 +410,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("model.safetensors");
         std::fs::write(&p, b"not a safetensors file at all").unwrap();
-        let e = WeightStore::open(dir.path(), &[p.clone()], &Device::Cpu, DType::F32)
-            .err()
-            .unwrap()
-            .to_string();
+        let e = WeightStore::open(
+            dir.path(),
+            &[p.clone()],
+            &Device::Cpu,
+            DType::F32,
+            identity_keys,
+        )
+        .err()
+        .unwrap()
+        .to_string();
         assert!(e.contains("model.safetensors"), "{e}");
     }
 }
