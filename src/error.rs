@@ -6,13 +6,13 @@ use std::path::PathBuf;
 /// Errors returned by library code. CLI glue wraps them in `anyhow` with extra context.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot parse JSON in {path}: {source}")]
+    #[error("cannot parse JSON in {path}")]
     Json {
         path: PathBuf,
         #[source]

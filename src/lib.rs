@@ -1,10 +1,13 @@
 //! lvlm-ift: instruction-free tuning of vision-language models for medical image understanding.
 //!
 //! Layered by stage; a stage only imports from the ones before it:
-//! `data` (files → samples) → `model` (architectures, weights) → `cli` (commands).
+//! `data` (files → samples) → `model` (architectures, weights) → `session` (one checkpoint with
+//! its processor and tokenizer) → `cli` (commands).
 
+pub mod cli;
 pub mod data;
 pub mod error;
 pub mod model;
+pub mod session;
 
 pub use error::{Error, Result};

@@ -26,23 +26,44 @@ fn every_weight_receives_a_nonzero_gradient() {
             .unwrap();
         // Next-token cross-entropy over the whole sequence.
         let n = ids.len() - 1;
-        let logp = candle_nn::ops::log_softmax(&logits.narrow(0, 0, n).unwrap(), D::Minus1).unwrap();
+        let logp =
+            candle_nn::ops::log_softmax(&logits.narrow(0, 0, n).unwrap(), D::Minus1).unwrap();
         let targets = Tensor::from_slice(&ids[1..], (n, 1), &Device::Cpu).unwrap();
-        let loss = logp.gather(&targets, 1).unwrap().mean_all().unwrap().neg().unwrap();
+        let loss = logp
+            .gather(&targets, 1)
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .neg()
+            .unwrap();
         let grads = loss.backward().unwrap();
         let vars = store.trainable_vars();
-        assert!(vars.len() > 40, "{model}: only {} trainable tensors", vars.len());
+        assert!(
+            vars.len() > 40,
+            "{model}: only {} trainable tensors",
+            vars.len()
+        );
         let mut dead = vec![];
         for (name, var) in &vars {
             let norm = grads
                 .get(var.as_tensor())
-                .map(|g| g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap())
+                .map(|g| {
+                    g.sqr()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap()
+                })
                 .unwrap_or(0.0);
             if !(norm > 0.0 && norm.is_finite()) {
                 dead.push(name.clone());
             }
         }
         assert!(dead.is_empty(), "{model}: no gradient for {dead:?}");
-        println!("{model}: all {} weights have non-zero gradients", vars.len());
+        println!(
+            "{model}: all {} weights have non-zero gradients",
+            vars.len()
+        );
     }
 }

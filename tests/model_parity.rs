@@ -27,7 +27,11 @@ fn logits_match_hf_given_hf_pixel_values() {
         for which in ["raw", "chat"] {
             let ids = exp.ids(&format!("input_ids.{which}"));
             let logits = m
-                .forward(&ids_tensor(&ids), Some(exp.tensor("pixel_values.photo")), None)
+                .forward(
+                    &ids_tensor(&ids),
+                    Some(exp.tensor("pixel_values.photo")),
+                    None,
+                )
                 .unwrap();
             let (max, mean) = diff(&logits, exp.tensor(&format!("logits.{which}")));
             println!("{model} logits.{which}: max abs {max:.3e}, mean abs {mean:.3e}");
@@ -42,8 +46,18 @@ fn padded_batch_matches_hf_on_real_tokens() {
         let m = load(model);
         let exp = Expected::load(model);
         let ids = exp.tensor("batch.input_ids").to_dtype(DType::U32).unwrap();
-        let mask = exp.tensor("batch.attention_mask").to_dtype(DType::U32).unwrap();
-        let pixels = Tensor::cat(&[exp.tensor("pixel_values.photo"), exp.tensor("pixel_values.photo")], 0).unwrap();
+        let mask = exp
+            .tensor("batch.attention_mask")
+            .to_dtype(DType::U32)
+            .unwrap();
+        let pixels = Tensor::cat(
+            &[
+                exp.tensor("pixel_values.photo"),
+                exp.tensor("pixel_values.photo"),
+            ],
+            0,
+        )
+        .unwrap();
         let logits = m.forward(&ids, Some(&pixels), Some(&mask)).unwrap();
         let want = exp.tensor("batch.logits");
         let rows = mask.to_vec2::<u32>().unwrap();
@@ -67,15 +81,28 @@ fn continuation_logprobs_match_hf() {
         let exp = Expected::load(model);
         let prompt = exp.ids("input_ids.chat");
         let cont = exp.ids("continuation_ids");
-        let got = continuation_logprobs(&m, &prompt, &cont, Some(exp.tensor("pixel_values.photo")), &Device::Cpu)
-            .unwrap();
+        let got = continuation_logprobs(
+            &m,
+            &prompt,
+            &cont,
+            Some(exp.tensor("pixel_values.photo")),
+            &Device::Cpu,
+        )
+        .unwrap();
         let want = exp.tensor("score.token_logprobs").to_vec1::<f32>().unwrap();
-        let max = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let max = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         let sum: f32 = got.iter().sum();
         let want_sum = exp.tensor("score.logprob").to_vec1::<f32>().unwrap()[0];
         println!("{model} score: token max abs {max:.3e}, sum {sum} vs {want_sum}");
         assert!(max < 1e-4, "{model}: token log-prob diff {max}");
-        assert!((sum - want_sum).abs() < 1e-4, "{model}: sum {sum} vs {want_sum}");
+        assert!(
+            (sum - want_sum).abs() < 1e-4,
+            "{model}: sum {sum} vs {want_sum}"
+        );
     }
 }
 
@@ -88,9 +115,20 @@ fn greedy_generation_matches_hf_token_for_token() {
         let eos = exp.meta["eos_token_id"].as_u64().unwrap() as u32;
         for which in ["raw", "chat"] {
             let prompt = exp.ids(&format!("input_ids.{which}"));
-            let got = greedy(&m, &prompt, Some(exp.tensor("pixel_values.photo")), max_new, &[eos], &Device::Cpu)
-                .unwrap();
-            assert_eq!(got, exp.ids(&format!("generate.{which}_ids")), "{model} {which}");
+            let got = greedy(
+                &m,
+                &prompt,
+                Some(exp.tensor("pixel_values.photo")),
+                max_new,
+                &[eos],
+                &Device::Cpu,
+            )
+            .unwrap();
+            assert_eq!(
+                got,
+                exp.ids(&format!("generate.{which}_ids")),
+                "{model} {which}"
+            );
         }
     }
 }
@@ -103,12 +141,25 @@ fn cached_prefill_equals_full_forward() {
     let pixels = exp.tensor("pixel_values.photo");
     let mut cache = m.new_cache();
     let split = ids.len() - 3;
-    m.prefill(&ids_tensor(&ids[..split]), Some(pixels), &mut cache).unwrap();
+    m.prefill(&ids_tensor(&ids[..split]), Some(pixels), &mut cache)
+        .unwrap();
     let last = m.step(&ids_tensor(&ids[split..]), &mut cache).unwrap();
     let full = m.forward(&ids_tensor(&ids), Some(pixels), None).unwrap();
-    let full_last = full.get(0).unwrap().get(ids.len() - 1).unwrap().unsqueeze(0).unwrap();
+    let full_last = full
+        .get(0)
+        .unwrap()
+        .get(ids.len() - 1)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let (max, _) = diff(&last, &full_last);
-    let scale = full_last.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let scale = full_last
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     println!("cached vs full: max abs {max:.3e} (logit scale {scale})");
     assert!(max < 1e-4, "cached vs full: {max}");
 }

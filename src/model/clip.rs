@@ -2,7 +2,7 @@
 //! requested layers are needed, so the encoder stops after the deepest one and `post_layernorm`
 //! (which only feeds the pooled output) is never loaded.
 
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 
 use crate::error::Result;
 use crate::model::config::VisionConfig;
@@ -38,8 +38,21 @@ impl ClipEmbeddings {
 impl Module for ClipEmbeddings {
     /// `[n, c, H, W]` → `[n, 1 + patches, hidden]`
     fn forward(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
-        let pixels = pixels.to_dtype(self.patch_weight.dtype())?;
-        let patches = pixels.conv2d(&self.patch_weight, 0, self.patch_size, 1, 1)?;
+        let dtype = self.patch_weight.dtype();
+        // candle's CPU conv has no bf16 kernel: convolve in f32 there.
+        let compute = if dtype == DType::BF16 && pixels.device().is_cpu() {
+            DType::F32
+        } else {
+            dtype
+        };
+        let patches = pixels.to_dtype(compute)?.conv2d(
+            &self.patch_weight.to_dtype(compute)?,
+            0,
+            self.patch_size,
+            1,
+            1,
+        )?;
+        let patches = patches.to_dtype(dtype)?;
         let (n, h, _, _) = patches.dims4()?;
         let patches = patches.flatten_from(2)?.transpose(1, 2)?; // [n, patches, h]
         let cls = self

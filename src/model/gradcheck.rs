@@ -174,7 +174,9 @@ fn rope() {
         &DEV,
     )
     .unwrap();
-    check(&[x.clone()], || rope.apply(x.as_tensor(), &pos).unwrap());
+    check(std::slice::from_ref(&x), || {
+        rope.apply(x.as_tensor(), &pos).unwrap()
+    });
 }
 
 #[test]

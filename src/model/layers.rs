@@ -36,16 +36,28 @@ impl Module for Linear {
         };
         let y = match x.dims() {
             [b, s, i] => {
-                let y = x.reshape((b * s, *i))?.matmul(&self.weight.t()?)?;
+                let y = matmul(&x.reshape((b * s, *i))?, &self.weight.t()?)?;
                 y.reshape((*b, *s, ()))?
             }
-            _ => x.broadcast_matmul(&self.weight.t()?)?,
+            _ => matmul(&x, &self.weight.t()?)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
     }
+}
+
+/// Matmul (with broadcasting) that also works for bf16 on CPU, where candle has no bf16 gemm:
+/// there the product is computed in f32 and cast back (storage stays bf16).
+pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if a.dtype() == DType::BF16 && a.device().is_cpu() {
+        let out = a
+            .to_dtype(DType::F32)?
+            .broadcast_matmul(&b.to_dtype(DType::F32)?)?;
+        return out.to_dtype(DType::BF16);
+    }
+    a.broadcast_matmul(b)
 }
 
 /// LayerNorm over the last dim, from elementary ops (candle's fused one has no backward).
@@ -160,13 +172,13 @@ pub fn attention(
     mask: Option<&Tensor>,
     scale: f64,
 ) -> candle_core::Result<Tensor> {
-    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = (matmul(q, &k.t()?)? * scale)?;
     let scores = match mask {
         Some(m) => upcast(&scores)?.broadcast_add(m)?,
         None => scores,
     };
     let probs = softmax_last(&scores)?.to_dtype(v.dtype())?;
-    probs.matmul(v)
+    matmul(&probs, v)
 }
 
 /// `[b, kv_heads, s, d]` → `[b, kv_heads * n_rep, s, d]` (GQA), by concatenation so it has a backward.

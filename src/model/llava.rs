@@ -263,13 +263,8 @@ impl VisionLanguageModel for LlavaModel {
         pixel_values: Option<&Tensor>,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
-        let (b, s) = input_ids.dims2()?;
         let embeds = self.input_embeds(input_ids, pixel_values)?;
-        self.extend(&embeds, cache).map(|l| {
-            debug_assert_eq!(l.dims()[0], b);
-            let _ = s;
-            l
-        })
+        self.extend(&embeds, cache)
     }
 
     fn step(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor> {

@@ -412,7 +412,7 @@ mod tests {
         std::fs::write(&p, b"not a safetensors file at all").unwrap();
         let e = WeightStore::open(
             dir.path(),
-            &[p.clone()],
+            std::slice::from_ref(&p),
             &Device::Cpu,
             DType::F32,
             identity_keys,

@@ -22,8 +22,9 @@ pub struct Expected {
 impl Expected {
     pub fn load(model: &str) -> Self {
         let dir = fixtures().join("parity");
-        let tensors = candle_core::safetensors::load(dir.join(format!("{model}.safetensors")), &Device::Cpu)
-            .expect("parity tensors");
+        let tensors =
+            candle_core::safetensors::load(dir.join(format!("{model}.safetensors")), &Device::Cpu)
+                .expect("parity tensors");
         let meta = serde_json::from_str(
             &std::fs::read_to_string(dir.join(format!("{model}.json"))).expect("parity json"),
         )
@@ -32,7 +33,9 @@ impl Expected {
     }
 
     pub fn tensor(&self, key: &str) -> &Tensor {
-        self.tensors.get(key).unwrap_or_else(|| panic!("fixture has no `{key}`"))
+        self.tensors
+            .get(key)
+            .unwrap_or_else(|| panic!("fixture has no `{key}`"))
     }
 
     /// Integer tensor as flat u32 ids.

@@ -1,0 +1,115 @@
+//! Flags shared by the commands that load a model.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use clap::{Args, ValueEnum};
+
+use crate::data::processor::AspectMode;
+use crate::session::{Prompt, Session, SessionOptions};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DTypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum AspectArg {
+    /// HF processor as is: shortest-edge resize, center crop.
+    Resize,
+    /// LLaVA `image_aspect_ratio: pad`: pad to a square of the mean colour first.
+    Pad,
+}
+
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// Checkpoint directory (HF llava layout) or Hub repo id (org/name).
+    #[arg(long)]
+    pub model: String,
+    /// Weight dtype. f32 is the only sensible choice on CPU.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DTypeArg,
+    /// cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// How non-square images are fitted.
+    #[arg(long, value_enum, default_value = "resize")]
+    pub image_aspect: AspectArg,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> anyhow::Result<Session> {
+        let opts = SessionOptions {
+            device: parse_device(&self.device)?,
+            dtype: match self.dtype {
+                DTypeArg::F32 => DType::F32,
+                DTypeArg::Bf16 => DType::BF16,
+                DTypeArg::F16 => DType::F16,
+            },
+            aspect: match self.image_aspect {
+                AspectArg::Resize => AspectMode::Resize,
+                AspectArg::Pad => AspectMode::Pad,
+            },
+        };
+        Session::load(&self.model, opts).with_context(|| format!("loading model {}", self.model))
+    }
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false, id = "prompt_text")]
+pub struct PromptText {
+    /// Question for the user turn, rendered through the model's chat template with the image.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Prompt used literally; write the image placeholder (e.g. `<image>`) where the image goes.
+    #[arg(long)]
+    pub raw_prompt: Option<String>,
+}
+
+impl PromptText {
+    pub fn to_prompt(&self) -> Prompt {
+        match (&self.prompt, &self.raw_prompt) {
+            (Some(p), _) => Prompt::Chat(p.clone()),
+            (None, Some(r)) => Prompt::Raw(r.clone()),
+            (None, None) => unreachable!("clap requires one of --prompt/--raw-prompt"),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ImageArg {
+    /// Image file (PNG/JPEG/TIFF/BMP/WebP; any mode is converted to RGB).
+    #[arg(long)]
+    pub image: PathBuf,
+}
+
+pub fn parse_device(spec: &str) -> anyhow::Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0).context("opening CUDA device 0"),
+        s if s.starts_with("cuda:") => {
+            let n: usize = s[5..]
+                .parse()
+                .with_context(|| format!("--device {s}: expected cuda:N"))?;
+            Device::new_cuda(n).with_context(|| format!("opening CUDA device {n}"))
+        }
+        other => bail!("--device {other}: expected cpu, cuda or cuda:N"),
+    }
+}
+
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,38 @@
+//! Command-line interface: one file per command, no logic of its own beyond turning flags into
+//! library calls and printing results.
+
+mod common;
+mod generate;
+mod score;
+
+use clap::{Parser, Subcommand};
+
+/// Fine-tune vision-language models on medical image-description pairs without instruction data,
+/// and evaluate them on multiple-choice VQA.
+#[derive(Debug, Parser)]
+#[command(name = "lvlm-ift", version, about, long_about = None)]
+pub struct Cli {
+    /// More log output (-v info, -vv debug). `RUST_LOG` overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Log-probability of a continuation given an image and a prompt.
+    Score(score::ScoreArgs),
+    /// Greedy answer of the model to an image and a prompt.
+    Generate(generate::GenerateArgs),
+}
+
+/// Parse the process arguments and run the chosen command.
+pub fn run() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    common::init_logging(cli.verbose);
+    match cli.command {
+        Command::Score(args) => score::run(args),
+        Command::Generate(args) => generate::run(args),
+    }
+}

@@ -1,0 +1,30 @@
+//! Prompt rendering and tokenization for LLaVA-family (llava-hf layout) models.
+//!
+//! One renderer and one tokenizer wrapper shared by scoring, generation, training and evaluation,
+//! so that every stage feeds the model exactly the token ids that Hugging Face's
+//! `LlavaProcessor` + `apply_chat_template` would produce.
+//!
+//! * [`ChatTemplate`] renders a conversation with the model's own Jinja chat template, compiled
+//!   by minijinja with the settings `transformers` uses (`trim_blocks`, `lstrip_blocks`, no
+//!   trailing newline, `raise_exception`, a Python-`json.dumps` `tojson`, `strftime_now`,
+//!   Python string/dict methods through `minijinja_contrib::pycompat`, Python-style printing of
+//!   `True`/`False`/`None`/floats/containers).
+//! * [`TextProcessor`] wraps `tokenizer.json` and applies the processor's image-token expansion
+//!   (the image token string is repeated `num_image_tokens` times *before* tokenizing).
+
+mod environment;
+mod files;
+mod pycompat;
+mod special;
+mod template;
+mod tokenize;
+
+#[cfg(test)]
+mod tests;
+
+pub use special::SpecialTokens;
+pub use template::{ChatTemplate, Role, TemplateSource, Turn};
+pub use tokenize::TextProcessor;
+
+/// Default image placeholder of `LlavaProcessor`.
+pub const DEFAULT_IMAGE_TOKEN: &str = "<image>";

@@ -1,0 +1,188 @@
+//! An inference session: one checkpoint with its processor, tokenizer and chat template, and the
+//! two questions users ask of it — "how likely is this continuation?" and "what do you answer?".
+//! Used by the `score` and `generate` commands and, later, by the evaluator.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::data::image::load_rgb;
+use crate::data::processor::{AspectMode, ClipImageProcessor, ClipProcessorConfig};
+use crate::data::prompt::{ChatTemplate, TextProcessor};
+use crate::error::{Error, Result};
+use crate::model::checkpoint::resolve_model;
+use crate::model::generate::{continuation_logprobs, greedy};
+use crate::model::llava::{LlavaModel, LoadOptions};
+use crate::model::VisionLanguageModel;
+
+/// How the prompt text is turned into tokens.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    /// A user question, rendered through the model's chat template with the image.
+    Chat(String),
+    /// Used literally: the image placeholder (e.g. `<image>`) is expanded, BOS added by the
+    /// tokenizer's post-processor, nothing else.
+    Raw(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    pub device: Device,
+    pub dtype: DType,
+    pub aspect: AspectMode,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            aspect: AspectMode::Resize,
+        }
+    }
+}
+
+pub struct Session {
+    pub model: LlavaModel,
+    pub processor: ClipImageProcessor,
+    pub template: ChatTemplate,
+    pub text: TextProcessor,
+    pub device: Device,
+    pub dir: PathBuf,
+}
+
+/// `score`'s answer.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ScoreOutput {
+    /// Sum of the token log-probabilities (natural log).
+    pub logprob: f32,
+    pub token_logprobs: Vec<f32>,
+    pub token_ids: Vec<u32>,
+    pub tokens: Vec<String>,
+}
+
+/// `generate`'s answer.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GenerateOutput {
+    pub text: String,
+    /// Generated ids only (the prompt excluded), EOS included when reached.
+    pub token_ids: Vec<u32>,
+}
+
+impl Session {
+    /// `model`: a local directory or a Hub repo id.
+    pub fn load(model: &str, opts: SessionOptions) -> Result<Self> {
+        let dir = resolve_model(model)?;
+        let (model, _) = LlavaModel::load(
+            &dir,
+            LoadOptions {
+                device: opts.device.clone(),
+                dtype: opts.dtype,
+                trainable: None,
+            },
+        )?;
+        let processor =
+            ClipImageProcessor::new(ClipProcessorConfig::from_model_dir(&dir)?, opts.aspect)?;
+        let vision = &model.config().vision;
+        let want = (vision.image_size, vision.image_size);
+        if processor.output_size() != want {
+            return Err(Error::Config {
+                path: dir.join("preprocessor_config.json"),
+                key: "crop_size".into(),
+                reason: format!(
+                    "the processor makes {:?} images but the vision tower expects {want:?}",
+                    processor.output_size()
+                ),
+            });
+        }
+        let template = ChatTemplate::from_model_dir(&dir)?;
+        let text =
+            TextProcessor::from_model_dir(&dir, model.image_token_id(), model.num_image_tokens())?;
+        Ok(Self {
+            model,
+            processor,
+            template,
+            text,
+            device: opts.device,
+            dir,
+        })
+    }
+
+    /// `[1, 3, H, W]` pixel values of an image file.
+    pub fn pixel_values(&self, image: &Path) -> Result<Tensor> {
+        let rgb = load_rgb(image)?;
+        let px = self.processor.preprocess(&rgb)?;
+        Ok(Tensor::from_vec(
+            px.data,
+            (1, 3, px.height, px.width),
+            &self.device,
+        )?)
+    }
+
+    /// Token ids of a prompt, image placeholder expanded.
+    pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+        let text = match prompt {
+            Prompt::Chat(q) => self.template.render_user_prompt(q)?,
+            Prompt::Raw(t) => t.clone(),
+        };
+        let ids = self.text.encode_prompt(&text)?;
+        let n_image = ids
+            .iter()
+            .filter(|&&t| t == self.model.image_token_id())
+            .count();
+        if n_image != self.model.num_image_tokens() {
+            return Err(Error::Model(format!(
+                "the prompt must hold exactly one image placeholder `{}` (found {} image tokens, \
+                 expected {}); with --raw-prompt, write it where the image goes",
+                self.text.image_token(),
+                n_image,
+                self.model.num_image_tokens()
+            )));
+        }
+        Ok(ids)
+    }
+
+    pub fn score(&self, image: &Path, prompt: &Prompt, continuation: &str) -> Result<ScoreOutput> {
+        let pixels = self.pixel_values(image)?;
+        let prompt_ids = self.prompt_ids(prompt)?;
+        let cont = self.text.encode_plain(continuation)?;
+        if cont.is_empty() {
+            return Err(Error::Model(
+                "the continuation is empty after tokenization".into(),
+            ));
+        }
+        let token_logprobs =
+            continuation_logprobs(&self.model, &prompt_ids, &cont, Some(&pixels), &self.device)?;
+        let tokens = cont
+            .iter()
+            .map(|&t| self.text.decode(&[t], false))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ScoreOutput {
+            logprob: token_logprobs.iter().sum(),
+            token_logprobs,
+            token_ids: cont,
+            tokens,
+        })
+    }
+
+    pub fn generate(
+        &self,
+        image: &Path,
+        prompt: &Prompt,
+        max_new_tokens: usize,
+    ) -> Result<GenerateOutput> {
+        let pixels = self.pixel_values(image)?;
+        let prompt_ids = self.prompt_ids(prompt)?;
+        let eos = self.text.eos_token_ids();
+        let token_ids = greedy(
+            &self.model,
+            &prompt_ids,
+            Some(&pixels),
+            max_new_tokens,
+            &eos,
+            &self.device,
+        )?;
+        let text = self.text.decode(&token_ids, true)?;
+        Ok(GenerateOutput { text, token_ids })
+    }
+}
