@@ -4,10 +4,13 @@
 //! `data` (files → samples) → `model` (architectures, weights) → `session` (one checkpoint with
 //! its processor and tokenizer) → `cli` (commands).
 
+pub mod adapter;
 pub mod cli;
+pub mod config;
 pub mod data;
 pub mod error;
 pub mod model;
 pub mod session;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::adapter::read_adapter;
 use crate::data::image::load_rgb;
 use crate::data::processor::{AspectMode, ClipImageProcessor, ClipProcessorConfig};
 use crate::data::prompt::{ChatTemplate, TextProcessor};
@@ -13,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::model::checkpoint::resolve_model;
 use crate::model::generate::{continuation_logprobs, greedy};
 use crate::model::llava::{LlavaModel, LoadOptions};
+use crate::model::lora::LoraFactory;
 use crate::model::VisionLanguageModel;
 
 /// How the prompt text is turned into tokens.
@@ -30,6 +32,8 @@ pub struct SessionOptions {
     pub device: Device,
     pub dtype: DType,
     pub aspect: AspectMode,
+    /// A PEFT LoRA adapter directory applied on top of the base weights.
+    pub adapter: Option<PathBuf>,
 }
 
 impl Default for SessionOptions {
@@ -38,6 +42,7 @@ impl Default for SessionOptions {
             device: Device::Cpu,
             dtype: DType::F32,
             aspect: AspectMode::Resize,
+            adapter: None,
         }
     }
 }
@@ -73,12 +78,20 @@ impl Session {
     /// `model`: a local directory or a Hub repo id.
     pub fn load(model: &str, opts: SessionOptions) -> Result<Self> {
         let dir = resolve_model(model)?;
+        let lora = match &opts.adapter {
+            Some(path) => {
+                let adapter = read_adapter(path, &opts.device)?;
+                Some(LoraFactory::new(adapter.spec, false, 0)?.with_loaded(adapter.weights))
+            }
+            None => None,
+        };
         let (model, _) = LlavaModel::load(
             &dir,
             LoadOptions {
                 device: opts.device.clone(),
                 dtype: opts.dtype,
                 trainable: None,
+                lora,
             },
         )?;
         let processor =

@@ -67,3 +67,56 @@ fn every_weight_receives_a_nonzero_gradient() {
         );
     }
 }
+
+/// With LoRA on every linear layer and the base frozen, backward computes no gradient for any
+/// frozen weight (no weight-sized buffers), while every adapter gets one.
+#[test]
+fn frozen_weights_get_no_gradient_buffers() {
+    use lvlm_ift::model::lora::{LoraFactory, LoraSpec, TargetModules};
+    let spec = LoraSpec {
+        r: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        target_modules: TargetModules::Pattern("all-linear".into()),
+        use_rslora: false,
+    };
+    let opts = LoadOptions {
+        lora: Some(LoraFactory::new(spec, true, 3).unwrap()),
+        ..LoadOptions::default()
+    };
+    let (m, store) = LlavaModel::load(&fixtures().join("tiny-llava"), opts).unwrap();
+    let exp = Expected::load("tiny-llava");
+    let ids = exp.ids("input_ids.raw");
+    let input = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).unwrap();
+    let logits = m
+        .forward(&input, Some(exp.tensor("pixel_values.photo")), None)
+        .unwrap();
+    let grads = logits
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let frozen = store.frozen_tensors();
+    assert!(frozen.len() > 40);
+    let with_grad: Vec<&String> = frozen
+        .iter()
+        .filter(|(_, t)| grads.get(t).is_some())
+        .map(|(n, _)| n)
+        .collect();
+    assert!(
+        with_grad.is_empty(),
+        "frozen weights with gradients: {with_grad:?}"
+    );
+    let entries = store.lora().unwrap().entries();
+    // Every linear layer that runs: 2 text layers x 7 + 2 vision layers x 6 + projector 2 (+ lm_head excluded).
+    assert_eq!(entries.len(), 2 * 7 + 2 * 6 + 2);
+    for e in entries {
+        assert!(
+            grads.get(e.a_var.as_ref().unwrap().as_tensor()).is_some(),
+            "{}",
+            e.module
+        );
+    }
+}

@@ -38,6 +38,9 @@ pub struct ModelArgs {
     /// How non-square images are fitted.
     #[arg(long, value_enum, default_value = "resize")]
     pub image_aspect: AspectArg,
+    /// PEFT LoRA adapter directory to apply (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
 }
 
 impl ModelArgs {
@@ -53,6 +56,7 @@ impl ModelArgs {
                 AspectArg::Resize => AspectMode::Resize,
                 AspectArg::Pad => AspectMode::Pad,
             },
+            adapter: self.adapter.clone(),
         };
         Session::load(&self.model, opts).with_context(|| format!("loading model {}", self.model))
     }

@@ -3,7 +3,9 @@
 
 mod common;
 mod generate;
+mod merge;
 mod score;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +27,10 @@ enum Command {
     Score(score::ScoreArgs),
     /// Greedy answer of the model to an image and a prompt.
     Generate(generate::GenerateArgs),
+    /// Fine-tune (LoRA and/or full module groups) from a TOML recipe.
+    Train(train::TrainArgs),
+    /// Fold a LoRA adapter (and/or fully trained weights) into a copy of the base checkpoint.
+    Merge(merge::MergeArgs),
 }
 
 /// Parse the process arguments and run the chosen command.
@@ -34,5 +40,7 @@ pub fn run() -> anyhow::Result<()> {
     match cli.command {
         Command::Score(args) => score::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Train(args) => train::run(args),
+        Command::Merge(args) => merge::run(args),
     }
 }

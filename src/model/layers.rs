@@ -2,19 +2,23 @@
 //! fused kernels that silently cut gradients (`softmax_last_dim`, `rms_norm`, `layer_norm`,
 //! `rotary_emb::*`; see ../shared/design/CANDLE.md) and compute norms in f32 like HF does.
 
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor, D};
 
 use crate::error::Result;
+use crate::model::lora::LoraAdapter;
 use crate::model::weights::Weights;
 
-/// `y = x W^T + b`, weight `[out, in]` as in PyTorch.
+/// `y = x W^T + b (+ LoRA)`, weight `[out, in]` as in PyTorch.
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub lora: Option<LoraAdapter>,
 }
 
 impl Linear {
+    /// Loads `weight`/`bias` under `w`; if the store has a LoRA factory targeting this module
+    /// (named by `w`'s path, the HF module name), attaches an adapter.
     pub fn new(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = w.get("weight", &[out_dim, in_dim])?;
         let bias = if bias {
@@ -22,7 +26,84 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        let lora = match w.store().lora() {
+            Some(f) => f.adapter_for(w.path(), in_dim, out_dim, weight.device())?,
+            None => None,
+        };
+        Ok(Self { weight, bias, lora })
+    }
+
+    /// A plain linear layer from tensors (no LoRA).
+    pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight,
+            bias,
+            lora: None,
+        }
+    }
+
+    /// `x W^T` where W does not need a gradient but x does: the product is computed on a detached
+    /// x and re-attached through [`FrozenWeight`], whose backward yields only `dx = g W`. Plain
+    /// matmul backward would also materialise a weight-sized gradient for every frozen weight
+    /// (../shared/design/CANDLE.md, "Memory: frozen weights").
+    fn base_product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w_t = self.weight.t()?;
+        if self.weight.is_variable() || !x.track_op() {
+            return matmul(x, &w_t);
+        }
+        let y0 = matmul(&x.detach(), &w_t)?.contiguous()?;
+        x.apply_op2(
+            &y0,
+            FrozenWeight {
+                weight: self.weight.clone(),
+            },
+        )
+    }
+}
+
+/// Pass-through of a precomputed `y0 = x Wᵀ` whose backward returns only the input gradient.
+struct FrozenWeight {
+    weight: Tensor,
+}
+
+impl CustomOp2 for FrozenWeight {
+    fn name(&self) -> &'static str {
+        "frozen-weight-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _x: &CpuStorage,
+        _xl: &Layout,
+        y0: &CpuStorage,
+        y0l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        // y0 is contiguous from offset 0 (made so by the caller), so a storage copy is exact.
+        use candle_core::backend::BackendStorage;
+        Ok((y0.try_clone(y0l)?, y0l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _x: &candle_core::CudaStorage,
+        _xl: &Layout,
+        y0: &candle_core::CudaStorage,
+        y0l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        Ok((y0.try_clone(y0l)?, y0l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y0: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let w = self.weight.to_dtype(grad.dtype())?;
+        Ok((Some(matmul(grad, &w)?), None))
     }
 }
 
@@ -34,16 +115,23 @@ impl Module for Linear {
         } else {
             x.clone()
         };
-        let y = match x.dims() {
-            [b, s, i] => {
-                let y = matmul(&x.reshape((b * s, *i))?, &self.weight.t()?)?;
-                y.reshape((*b, *s, ()))?
-            }
-            _ => matmul(&x, &self.weight.t()?)?,
+        let flat = match x.dims() {
+            [b, s, i] => x.reshape((b * s, *i))?,
+            _ => x.clone(),
         };
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
+        let mut y = self.base_product(&flat)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(lora) = &self.lora {
+            let delta = lora
+                .delta(&flat, y.dtype())
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            y = (y + delta)?;
+        }
+        match x.dims() {
+            [b, s, _] => y.reshape((*b, *s, ())),
+            _ => Ok(y),
         }
     }
 }

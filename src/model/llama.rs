@@ -186,10 +186,7 @@ impl LlamaForCausalLm {
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::new(&w_model.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
         let lm_head = if cfg.tie_word_embeddings && !w_head.contains("weight") {
-            Linear {
-                weight: embed_tokens.weight.clone(),
-                bias: None,
-            }
+            Linear::from_weights(embed_tokens.weight.clone(), None)
         } else {
             Linear::new(w_head, cfg.hidden_size, cfg.vocab_size, false)?
         };

@@ -11,6 +11,7 @@ use crate::model::clip::ClipVisionTower;
 use crate::model::config::{LlavaConfig, SelectStrategy};
 use crate::model::layers::{scatter_rows, Linear};
 use crate::model::llama::{attention_mask, position_ids, KvCache, LlamaForCausalLm};
+use crate::model::lora::LoraFactory;
 use crate::model::weights::{llava_canonical_name, TrainableFilter, WeightStore, Weights};
 use crate::model::VisionLanguageModel;
 
@@ -53,6 +54,8 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// Canonical weight names that become trainable `Var`s (kept in f32).
     pub trainable: Option<TrainableFilter>,
+    /// LoRA adapters to attach (fresh or loaded) as the model is built.
+    pub lora: Option<LoraFactory>,
 }
 
 impl Default for LoadOptions {
@@ -61,6 +64,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             dtype: DType::F32,
             trainable: None,
+            lora: None,
         }
     }
 }
@@ -75,6 +79,9 @@ impl LlavaModel {
             WeightStore::open(dir, &files, &opts.device, opts.dtype, llava_canonical_name)?;
         if let Some(filter) = opts.trainable {
             store = store.with_trainable(filter);
+        }
+        if let Some(lora) = opts.lora {
+            store = store.with_lora(lora);
         }
         let model = Self::new(&store, &cfg)?;
         Ok((model, store))
@@ -102,21 +109,20 @@ impl LlavaModel {
             &root.pp("lm_head"),
             &cfg.text,
         )?;
-        // Parts HF keeps but LLaVA never runs: the pooled-output norm, layers past the deepest
-        // feature layer, and buffers.
-        let unused_layer = |name: &str| {
-            name.strip_prefix("model.vision_tower.vision_model.encoder.layers.")
-                .and_then(|r| r.split('.').next())
-                .and_then(|i| i.parse::<usize>().ok())
-                .is_some_and(|i| i >= depth)
-        };
-        store.finish(|name| {
-            name.starts_with("model.vision_tower.vision_model.post_layernorm.")
-                || name.ends_with(".position_ids")
-                || name.ends_with("rotary_emb.inv_freq")
-                || unused_layer(name)
-                || (cfg.text.tie_word_embeddings && name == "lm_head.weight")
-        })?;
+        store.finish(|name| is_unused_weight(cfg, name))?;
+        if let Some(lora) = store.lora() {
+            let stray: Vec<String> = lora
+                .unused_loaded()
+                .into_iter()
+                .filter(|m| !is_unused_weight(cfg, &format!("{m}.weight")))
+                .collect();
+            if !stray.is_empty() {
+                return Err(Error::Weights(format!(
+                    "the adapter has LoRA weights for module(s) this model does not have: {}",
+                    stray.join(", ")
+                )));
+            }
+        }
         Ok(Self {
             vision_tower,
             projector,
@@ -290,6 +296,22 @@ impl LlavaModel {
                 .forward_embeds(embeds, &positions, mask.as_ref(), Some(cache))?;
         Ok(logits.narrow(1, s - 1, 1)?.squeeze(1)?)
     }
+}
+
+/// Weights HF keeps but LLaVA never runs: the pooled-output norm, vision layers past the deepest
+/// feature layer, buffers, and the head when it is tied to the embeddings.
+pub fn is_unused_weight(cfg: &LlavaConfig, name: &str) -> bool {
+    let depth = cfg.feature_layer_indices().into_iter().max().unwrap_or(0);
+    let unused_layer = name
+        .strip_prefix("model.vision_tower.vision_model.encoder.layers.")
+        .and_then(|r| r.split('.').next())
+        .and_then(|i| i.parse::<usize>().ok())
+        .is_some_and(|i| i >= depth);
+    name.starts_with("model.vision_tower.vision_model.post_layernorm.")
+        || name.ends_with(".position_ids")
+        || name.ends_with("rotary_emb.inv_freq")
+        || unused_layer
+        || (cfg.text.tie_word_embeddings && name == "lm_head.weight")
 }
 
 /// The causal mask is always needed for s > 1; padding is folded into the same tensor.

@@ -12,6 +12,8 @@ mod gradcheck;
 pub mod layers;
 pub mod llama;
 pub mod llava;
+pub mod lora;
+pub mod loss;
 pub mod weights;
 
 use candle_core::Tensor;

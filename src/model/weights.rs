@@ -13,6 +13,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::error::{Error, Result};
+use crate::model::lora::LoraFactory;
 
 /// Maps a key as stored in a checkpoint to its canonical name; `None` = no known layout.
 pub type KeyMap = fn(&str) -> Option<String>;
@@ -61,6 +62,10 @@ pub struct WeightStore {
     used: Mutex<BTreeSet<String>>,
     trainable: Option<TrainableFilter>,
     vars: Mutex<Vec<(String, Var)>>,
+    /// Weights handed out as plain (frozen) tensors; kept so tests and memory accounting can
+    /// check that no gradient is ever computed for them.
+    frozen: Mutex<Vec<(String, Tensor)>>,
+    lora: Option<LoraFactory>,
 }
 
 impl WeightStore {
@@ -118,6 +123,8 @@ impl WeightStore {
             used: Mutex::new(BTreeSet::new()),
             trainable: None,
             vars: Mutex::new(Vec::new()),
+            frozen: Mutex::new(Vec::new()),
+            lora: None,
         })
     }
 
@@ -125,6 +132,26 @@ impl WeightStore {
     pub fn with_trainable(mut self, filter: TrainableFilter) -> Self {
         self.trainable = Some(filter);
         self
+    }
+
+    /// Give targeted linear layers LoRA adapters as the model is built.
+    pub fn with_lora(mut self, factory: LoraFactory) -> Self {
+        self.lora = Some(factory);
+        self
+    }
+
+    pub fn lora(&self) -> Option<&LoraFactory> {
+        self.lora.as_ref()
+    }
+
+    /// Whether a weight of this canonical name will be (or was) handed out as trainable.
+    pub fn is_trainable(&self, name: &str) -> bool {
+        self.trainable.as_ref().is_some_and(|f| f(name))
+    }
+
+    /// Canonical names of every stored weight.
+    pub fn names(&self) -> Vec<String> {
+        self.keys.keys().cloned().collect()
     }
 
     pub fn device(&self) -> &Device {
@@ -186,8 +213,18 @@ impl WeightStore {
                 .push((name.to_string(), var));
             Ok(out)
         } else {
-            Ok(t.to_dtype(self.dtype)?)
+            let t = t.to_dtype(self.dtype)?;
+            self.frozen
+                .lock()
+                .expect("poisoned")
+                .push((name.to_string(), t.clone()));
+            Ok(t)
         }
+    }
+
+    /// The frozen (non-trainable) weights handed out so far, by canonical name.
+    pub fn frozen_tensors(&self) -> Vec<(String, Tensor)> {
+        self.frozen.lock().expect("poisoned").clone()
     }
 
     /// The trainable parameters handed out so far, by canonical name.

@@ -1,0 +1,64 @@
+//! `lvlm-ift merge --model DIR --adapter DIR [--full-weights FILE] --out DIR`
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use candle_core::Device;
+use clap::Args;
+
+use crate::adapter::{merge_into_copy, read_adapter};
+use crate::model::checkpoint::resolve_model;
+use crate::train::checkpoint::load_safetensors;
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// Base checkpoint (directory or Hub repo id).
+    #[arg(long)]
+    model: String,
+    /// PEFT LoRA adapter to fold into the weights.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Fully trained weights (`full_weights.safetensors` of a run) replacing the base ones.
+    #[arg(long)]
+    full_weights: Option<PathBuf>,
+    /// Output directory (written atomically; replaced if it exists).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn run(args: MergeArgs) -> anyhow::Result<()> {
+    if args.adapter.is_none() && args.full_weights.is_none() {
+        anyhow::bail!("nothing to merge: pass --adapter and/or --full-weights");
+    }
+    let base = resolve_model(&args.model)?;
+    let (spec, lora) = match &args.adapter {
+        Some(dir) => {
+            let a = read_adapter(dir, &Device::Cpu)
+                .with_context(|| format!("reading adapter {}", dir.display()))?;
+            (Some(a.spec), a.weights)
+        }
+        None => (None, HashMap::new()),
+    };
+    let replaced = match &args.full_weights {
+        Some(f) => load_safetensors(f, &Device::Cpu)?,
+        None => HashMap::new(),
+    };
+    let report = merge_into_copy(&base, &args.out, spec.as_ref(), &lora, &replaced)
+        .with_context(|| format!("merging into {}", args.out.display()))?;
+    if report.replaced != replaced.len() {
+        anyhow::bail!(
+            "{} of {} full weights matched a base weight; the rest are not in {}",
+            report.replaced,
+            replaced.len(),
+            base.display()
+        );
+    }
+    eprintln!(
+        "merged {} LoRA weight(s), replaced {} weight(s) -> {}",
+        report.merged,
+        report.replaced,
+        args.out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,7 @@
+//! Train stage: optimizer and schedules, the training loop, checkpoints, metrics.
+
+pub mod checkpoint;
+pub mod metrics;
+pub mod optim;
+pub mod schedule;
+pub mod trainer;
