@@ -26,6 +26,75 @@ pub struct TrainConfig {
     #[serde(default)]
     pub schedule: ScheduleSection,
     pub train: TrainSection,
+    /// The momentum proxy instruction (used when an instruction mode is `proxy`).
+    #[serde(default)]
+    pub proxy: ProxySection,
+    /// Ordered stages (e.g. proxy warm-up, then the main stage); absent = one stage from the
+    /// sections above, written directly to `train.output_dir`.
+    #[serde(default)]
+    pub stages: Vec<StageConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySection {
+    /// Number of placeholder positions / learnable vectors.
+    #[serde(default = "default_proxy_tokens")]
+    pub tokens: usize,
+    /// "uniform" (U(-bound, bound), the reference) or "text" (embeddings of `init_text`).
+    #[serde(default = "default_proxy_init")]
+    pub init: String,
+    #[serde(default)]
+    pub init_text: Option<String>,
+    #[serde(default = "default_proxy_bound")]
+    pub bound: f64,
+}
+
+impl Default for ProxySection {
+    fn default() -> Self {
+        Self {
+            tokens: default_proxy_tokens(),
+            init: default_proxy_init(),
+            init_text: None,
+            bound: default_proxy_bound(),
+        }
+    }
+}
+
+/// One stage of a recipe. Unset values come from the top-level sections.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    /// Also the name of the stage's output subdirectory.
+    pub name: String,
+    /// What trains: any of "proxy", "lora", "full" (the groups of `full.groups`).
+    pub trainable: Vec<String>,
+    #[serde(default)]
+    pub epochs: Option<usize>,
+    #[serde(default)]
+    pub lr: Option<f64>,
+    /// EMA momentum of the proxy vectors (reset to the average before each step); absent = none.
+    #[serde(default)]
+    pub momentum: Option<f64>,
+    #[serde(default)]
+    pub instruction_mode: Option<String>,
+    #[serde(default)]
+    pub max_steps: Option<usize>,
+}
+
+/// A stage with every value resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageSpec {
+    pub name: String,
+    pub train_proxy: bool,
+    pub train_lora: bool,
+    pub train_full: bool,
+    pub epochs: usize,
+    pub lr: f64,
+    pub momentum: Option<f64>,
+    pub instruction_mode: String,
+    pub max_steps: Option<usize>,
+    pub output_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,9 +116,12 @@ pub struct ModelSection {
 pub struct DataSection {
     /// Manifests (CSV `image,text`, JSONL, LLaVA JSON).
     pub train: Vec<DataSource>,
-    /// "fixed" (the `instruction` text) or "none".
+    /// "proxy" (learnable vectors, see `[proxy]`), "fixed" (the `instruction` text) or "none".
     #[serde(default = "default_instruction_mode")]
     pub instruction_mode: String,
+    /// Response shuffling: "comma" (default), "sentence" or "none".
+    #[serde(default = "default_shuffle")]
+    pub shuffle: String,
     #[serde(default = "default_instruction")]
     pub instruction: String,
     /// Longest token sequence; longer descriptions are cut at the end (logged).
@@ -175,6 +247,18 @@ fn default_instruction_mode() -> String {
 fn default_instruction() -> String {
     "Describe this medical scan.".into()
 }
+fn default_shuffle() -> String {
+    "comma".into()
+}
+fn default_proxy_tokens() -> usize {
+    8
+}
+fn default_proxy_init() -> String {
+    "uniform".into()
+}
+fn default_proxy_bound() -> f64 {
+    crate::method::proxy::REFERENCE_BOUND
+}
 fn one() -> usize {
     1
 }
@@ -267,11 +351,35 @@ impl TrainConfig {
                 ));
             }
         }
-        if !matches!(self.data.instruction_mode.as_str(), "fixed" | "none") {
+        check_mode("data.instruction_mode", &self.data.instruction_mode)
+            .map_err(|r| bad("data.instruction_mode", r))?;
+        if !matches!(self.data.shuffle.as_str(), "comma" | "sentence" | "none") {
             return Err(bad(
-                "data.instruction_mode",
-                format!("`{}` is not one of fixed, none", self.data.instruction_mode),
+                "data.shuffle",
+                format!(
+                    "`{}` is not one of comma, sentence, none",
+                    self.data.shuffle
+                ),
             ));
+        }
+        if self.proxy.tokens == 0 {
+            return Err(bad("proxy.tokens", "must be >= 1".into()));
+        }
+        match (self.proxy.init.as_str(), &self.proxy.init_text) {
+            ("uniform", _) => {}
+            ("text", Some(t)) if !t.trim().is_empty() => {}
+            ("text", _) => {
+                return Err(bad(
+                    "proxy.init_text",
+                    "required (non-empty) when proxy.init = \"text\"".into(),
+                ))
+            }
+            (other, _) => {
+                return Err(bad(
+                    "proxy.init",
+                    format!("`{other}` is not one of uniform, text"),
+                ))
+            }
         }
         if !matches!(self.model.dtype.as_str(), "f32" | "bf16" | "f16") {
             return Err(bad(
@@ -336,6 +444,42 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// The stages to run, in order, every value resolved.
+    pub fn stage_specs(&self) -> Vec<StageSpec> {
+        if self.stages.is_empty() {
+            return vec![StageSpec {
+                name: "train".into(),
+                train_proxy: self.data.instruction_mode == "proxy",
+                train_lora: self.lora.is_some(),
+                train_full: !self.full.groups.is_empty(),
+                epochs: self.train.epochs,
+                lr: self.optim.lr,
+                momentum: None,
+                instruction_mode: self.data.instruction_mode.clone(),
+                max_steps: self.train.max_steps,
+                output_dir: self.train.output_dir.clone(),
+            }];
+        }
+        self.stages
+            .iter()
+            .map(|s| StageSpec {
+                name: s.name.clone(),
+                train_proxy: s.trainable.iter().any(|t| t == "proxy"),
+                train_lora: s.trainable.iter().any(|t| t == "lora"),
+                train_full: s.trainable.iter().any(|t| t == "full"),
+                epochs: s.epochs.unwrap_or(self.train.epochs),
+                lr: s.lr.unwrap_or(self.optim.lr),
+                momentum: s.momentum,
+                instruction_mode: s
+                    .instruction_mode
+                    .clone()
+                    .unwrap_or_else(|| self.data.instruction_mode.clone()),
+                max_steps: s.max_steps,
+                output_dir: self.train.output_dir.join(&s.name),
+            })
+            .collect()
+    }
+
     /// Canonical-name predicate of the fully trained weights.
     pub fn full_prefixes(&self) -> Vec<String> {
         self.full
@@ -348,6 +492,14 @@ impl TrainConfig {
                     .map(|(_, p)| p.to_string())
             })
             .collect()
+    }
+}
+
+fn check_mode(_key: &str, mode: &str) -> std::result::Result<(), String> {
+    if matches!(mode, "proxy" | "fixed" | "none") {
+        Ok(())
+    } else {
+        Err(format!("`{mode}` is not one of proxy, fixed, none"))
     }
 }
 

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod method;
 pub mod model;
 pub mod session;
 pub mod train;

@@ -92,6 +92,7 @@ impl Session {
                 dtype: opts.dtype,
                 trainable: None,
                 lora,
+                overrides: Default::default(),
             },
         )?;
         let processor =

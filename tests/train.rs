@@ -8,13 +8,13 @@ use std::process::Command;
 use candle_core::Device;
 use lvlm_ift::config::TrainConfig;
 use lvlm_ift::train::checkpoint::load_safetensors;
-use lvlm_ift::train::trainer::TrainPlan;
+use lvlm_ift::train::recipe::{run_recipe, Resume};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The smoke recipe with dropout on (so the RNG state matters), 2 epochs, checkpoints every 3
+/// The LoRA fixture recipe with dropout on (so the RNG state matters), 2 epochs, checkpoints every 3
 /// steps, written to `out`.
 fn recipe(out: &Path, extra: &[&str]) -> TrainConfig {
     let mut ov: Vec<String> = vec![
@@ -33,31 +33,21 @@ fn recipe(out: &Path, extra: &[&str]) -> TrainConfig {
         "lora.dropout=0.1".into(),
     ];
     ov.extend(extra.iter().map(|s| s.to_string()));
-    TrainConfig::load(&repo().join("configs/smoke.toml"), &ov).unwrap()
+    TrainConfig::load(&repo().join("tests/fixtures/recipes/lora.toml"), &ov).unwrap()
 }
 
 #[test]
 fn resume_from_a_checkpoint_reproduces_the_straight_run() {
     let tmp = tempfile::tempdir().unwrap();
     let straight = tmp.path().join("straight");
-    let out = TrainPlan::build(recipe(&straight, &[]))
-        .unwrap()
-        .run(None, true)
-        .unwrap();
-    assert_eq!(out.steps, 6);
-    // The same recipe interrupted after step 3 (schedule unchanged), then resumed by a fresh plan.
+    let out = run_recipe(&recipe(&straight, &[]), Resume::No, true).unwrap();
+    assert_eq!(out[0].steps, 6);
+    // The same recipe interrupted after step 3 (schedule unchanged), then resumed by a fresh run.
     let resumed = tmp.path().join("resumed");
-    let halted = TrainPlan::build(recipe(&resumed, &["train.stop_after=3"]))
-        .unwrap()
-        .run(None, true)
-        .unwrap();
-    assert_eq!(halted.steps, 3);
-    let target = resumed.join("checkpoints/checkpoint-3");
-    let out2 = TrainPlan::build(recipe(&resumed, &[]))
-        .unwrap()
-        .run(Some(&target), true)
-        .unwrap();
-    assert_eq!(out2.steps, 6);
+    let halted = run_recipe(&recipe(&resumed, &["train.stop_after=3"]), Resume::No, true).unwrap();
+    assert_eq!((halted[0].steps, halted[0].complete), (3, false));
+    let out2 = run_recipe(&recipe(&resumed, &[]), Resume::Latest, true).unwrap();
+    assert_eq!((out2[0].steps, out2[0].complete), (6, true));
     let a = load_safetensors(
         &straight.join("checkpoints/checkpoint-6/trainable.safetensors"),
         &Device::Cpu,
@@ -103,7 +93,7 @@ fn lvlm(args: &[&str]) -> std::process::Output {
 fn cli_train_writes_adapter_metrics_plot_and_merge_matches_adapter() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let cfg = repo().join("configs/smoke.toml");
+    let cfg = repo().join("tests/fixtures/recipes/lora.toml");
     let o = lvlm(&[
         "train",
         "--config",

@@ -5,6 +5,7 @@ mod common;
 mod generate;
 mod merge;
 mod score;
+mod synth;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -31,6 +32,9 @@ enum Command {
     Train(train::TrainArgs),
     /// Fold a LoRA adapter (and/or fully trained weights) into a copy of the base checkpoint.
     Merge(merge::MergeArgs),
+    /// Write a synthetic image-description pair set (tests, demos).
+    #[command(hide = true)]
+    SynthPairs(synth::SynthArgs),
 }
 
 /// Parse the process arguments and run the chosen command.
@@ -42,5 +46,6 @@ pub fn run() -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Train(args) => train::run(args),
         Command::Merge(args) => merge::run(args),
+        Command::SynthPairs(args) => synth::run(args),
     }
 }

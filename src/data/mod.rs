@@ -1,7 +1,11 @@
 //! Data stage: image decoding and processors, prompts and tokenization. Never touches model tensors.
 
+pub mod batch;
 pub mod collate;
 pub mod image;
+pub mod loader;
 pub mod pairs;
 pub mod processor;
 pub mod prompt;
+pub mod shuffle;
+pub mod synthetic;

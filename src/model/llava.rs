@@ -13,7 +13,7 @@ use crate::model::layers::{scatter_rows, Linear};
 use crate::model::llama::{attention_mask, position_ids, KvCache, LlamaForCausalLm};
 use crate::model::lora::LoraFactory;
 use crate::model::weights::{llava_canonical_name, TrainableFilter, WeightStore, Weights};
-use crate::model::VisionLanguageModel;
+use crate::model::{Injection, VisionLanguageModel};
 
 /// `linear_2(gelu(linear_1(x)))`, erf GELU as torch's default.
 #[derive(Debug, Clone)]
@@ -56,6 +56,8 @@ pub struct LoadOptions {
     pub trainable: Option<TrainableFilter>,
     /// LoRA adapters to attach (fresh or loaded) as the model is built.
     pub lora: Option<LoraFactory>,
+    /// Weights replacing the checkpoint's, by canonical name (e.g. from an earlier stage).
+    pub overrides: std::collections::HashMap<String, Tensor>,
 }
 
 impl Default for LoadOptions {
@@ -65,6 +67,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             trainable: None,
             lora: None,
+            overrides: Default::default(),
         }
     }
 }
@@ -82,6 +85,9 @@ impl LlavaModel {
         }
         if let Some(lora) = opts.lora {
             store = store.with_lora(lora);
+        }
+        if !opts.overrides.is_empty() {
+            store = store.with_overrides(opts.overrides)?;
         }
         let model = Self::new(&store, &cfg)?;
         Ok((model, store))
@@ -139,7 +145,33 @@ impl LlavaModel {
 
     /// Embeddings for `input_ids: [b, s]` with image features spliced in at image-token positions
     /// (in row-major order, image after image), like HF's `masked_scatter`.
-    fn input_embeds(&self, input_ids: &Tensor, pixel_values: Option<&Tensor>) -> Result<Tensor> {
+    fn input_embeds(
+        &self,
+        input_ids: &Tensor,
+        pixel_values: Option<&Tensor>,
+        inject: Option<&Injection>,
+    ) -> Result<Tensor> {
+        let embeds = self.token_and_image_embeds(input_ids, pixel_values)?;
+        let Some(inj) = inject else {
+            return Ok(embeds);
+        };
+        let (b, s, h) = embeds.dims3()?;
+        if inj.rows.dims() != [inj.positions.len(), h] {
+            return Err(Error::Model(format!(
+                "injected rows have shape {:?}, expected [{}, {h}]",
+                inj.rows.dims(),
+                inj.positions.len()
+            )));
+        }
+        let flat = embeds.reshape((b * s, h))?;
+        Ok(scatter_rows(&flat, &inj.rows, &inj.positions)?.reshape((b, s, h))?)
+    }
+
+    fn token_and_image_embeds(
+        &self,
+        input_ids: &Tensor,
+        pixel_values: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
         let ids = input_ids.to_dtype(DType::U32)?;
         let id_rows = ids.to_vec2::<u32>()?;
@@ -239,18 +271,28 @@ impl VisionLanguageModel for LlavaModel {
         self.cfg.num_image_tokens()
     }
 
+    fn hidden_size(&self) -> usize {
+        self.cfg.text.hidden_size
+    }
+
+    fn embed_ids(&self, ids: &[u32]) -> Result<Tensor> {
+        let t = Tensor::from_slice(ids, ids.len(), &self.device)?;
+        Ok(self.language_model.embed(&t)?)
+    }
+
     fn image_token_id(&self) -> u32 {
         self.cfg.image_token_id
     }
 
-    fn forward(
+    fn forward_injected(
         &self,
         input_ids: &Tensor,
         pixel_values: Option<&Tensor>,
         attention_mask: Option<&Tensor>,
+        inject: Option<&Injection>,
     ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
-        let embeds = self.input_embeds(input_ids, pixel_values)?;
+        let embeds = self.input_embeds(input_ids, pixel_values, inject)?;
         let valid = self.valid_rows(attention_mask, b, s)?;
         let positions = position_ids(&valid, 0, &self.device)?;
         let mask = attention_mask_if_needed(&valid, &self.device)?;
@@ -269,12 +311,12 @@ impl VisionLanguageModel for LlavaModel {
         pixel_values: Option<&Tensor>,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
-        let embeds = self.input_embeds(input_ids, pixel_values)?;
+        let embeds = self.input_embeds(input_ids, pixel_values, None)?;
         self.extend(&embeds, cache)
     }
 
     fn step(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let embeds = self.input_embeds(tokens, None)?;
+        let embeds = self.input_embeds(tokens, None, None)?;
         self.extend(&embeds, cache)
     }
 }

@@ -21,6 +21,15 @@ use candle_core::Tensor;
 use crate::error::Result;
 pub use llama::KvCache;
 
+/// Rows that replace token embeddings at given positions (e.g. proxy-instruction vectors).
+#[derive(Debug, Clone)]
+pub struct Injection {
+    /// Flat positions `b * seq_len + s` in the batch, one per row.
+    pub positions: Vec<usize>,
+    /// `[positions.len(), hidden]`; gradients flow back into it.
+    pub rows: Tensor,
+}
+
 /// What every vision-language model family offers the rest of the crate.
 pub trait VisionLanguageModel {
     /// Projected image features `[n_images, num_image_tokens, hidden]` for `pixel_values: [n, 3, H, W]`.
@@ -35,7 +44,21 @@ pub trait VisionLanguageModel {
         input_ids: &Tensor,
         pixel_values: Option<&Tensor>,
         attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.forward_injected(input_ids, pixel_values, attention_mask, None)
+    }
+    /// [`VisionLanguageModel::forward`] with some token embeddings replaced by `inject`'s rows.
+    fn forward_injected(
+        &self,
+        input_ids: &Tensor,
+        pixel_values: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        inject: Option<&Injection>,
     ) -> Result<Tensor>;
+    /// Hidden size of the token embeddings (what injected rows must have).
+    fn hidden_size(&self) -> usize;
+    /// Token embeddings `[n, hidden]` of `ids` (e.g. to initialise vectors from a text).
+    fn embed_ids(&self, ids: &[u32]) -> Result<Tensor>;
     /// A fresh, empty generation cache.
     fn new_cache(&self) -> KvCache;
     /// Run the prompt through the cache; returns the last position's logits `[b, vocab]`.

@@ -66,6 +66,8 @@ pub struct WeightStore {
     /// check that no gradient is ever computed for them.
     frozen: Mutex<Vec<(String, Tensor)>>,
     lora: Option<LoraFactory>,
+    /// Weights to use instead of the files' (e.g. groups fully trained by an earlier stage).
+    overrides: std::collections::HashMap<String, Tensor>,
 }
 
 impl WeightStore {
@@ -125,6 +127,7 @@ impl WeightStore {
             vars: Mutex::new(Vec::new()),
             frozen: Mutex::new(Vec::new()),
             lora: None,
+            overrides: std::collections::HashMap::new(),
         })
     }
 
@@ -138,6 +141,34 @@ impl WeightStore {
     pub fn with_lora(mut self, factory: LoraFactory) -> Self {
         self.lora = Some(factory);
         self
+    }
+
+    /// Replace stored weights by these (canonical names; each must exist with the same shape).
+    pub fn with_overrides(
+        mut self,
+        overrides: std::collections::HashMap<String, Tensor>,
+    ) -> Result<Self> {
+        for (name, t) in &overrides {
+            let shape = self.shape_of(name).ok_or_else(|| {
+                Error::Weights(format!(
+                    "override `{name}` is not a weight of {}",
+                    self.dir.display()
+                ))
+            })?;
+            if t.dims() != shape.as_slice() {
+                return Err(Error::Weights(format!(
+                    "override `{name}` has shape {:?}, the checkpoint {shape:?}",
+                    t.dims()
+                )));
+            }
+        }
+        self.overrides = overrides;
+        Ok(self)
+    }
+
+    /// The override weights this store was given (canonical name → tensor).
+    pub fn overridden(&self) -> std::collections::HashMap<String, Tensor> {
+        self.overrides.clone()
     }
 
     pub fn lora(&self) -> Option<&LoraFactory> {
@@ -191,10 +222,13 @@ impl WeightStore {
                 view.shape()
             )));
         }
-        let t = self
-            .files
-            .load(key, &self.device)
-            .map_err(|e| Error::Weights(format!("cannot load `{key}`: {e}")))?;
+        let t = match self.overrides.get(name) {
+            Some(t) => t.to_device(&self.device)?,
+            None => self
+                .files
+                .load(key, &self.device)
+                .map_err(|e| Error::Weights(format!("cannot load `{key}`: {e}")))?,
+        };
         self.used.lock().expect("poisoned").insert(name.to_string());
         let trainable = self.trainable.as_ref().is_some_and(|f| f(name));
         if trainable {

@@ -49,6 +49,9 @@ pub struct StepMetrics {
     pub tokens_per_sec: f64,
     #[serde(with = "finite_or_null")]
     pub elapsed_sec: f64,
+    /// Seconds the step waited for its data (prefetching should keep this near zero).
+    #[serde(default)]
+    pub data_wait_sec: f64,
 }
 
 /// A JSON error for `line` of a file, with the line number of the file rather than of the line.
@@ -422,6 +425,7 @@ mod tests {
             grad_norm: 0.5,
             tokens_per_sec: 1234.5,
             elapsed_sec: step as f64,
+            data_wait_sec: 0.0,
         }
     }
 

@@ -3,5 +3,7 @@
 pub mod checkpoint;
 pub mod metrics;
 pub mod optim;
+pub mod plan;
+pub mod recipe;
 pub mod schedule;
 pub mod trainer;

@@ -1,0 +1,92 @@
+//! Building training micro-batches as plain host data, on worker threads: decode and preprocess
+//! the images, shuffle each description afresh, encode prompt + answer with the loss mask, pad.
+
+use std::sync::Arc;
+
+use crate::data::collate::{pad_batch, Instruction, SampleEncoder, TextBatch};
+use crate::data::image::load_rgb;
+use crate::data::pairs::Pair;
+use crate::data::processor::ClipImageProcessor;
+use crate::data::prompt::{ChatTemplate, TextProcessor};
+use crate::data::shuffle::{shuffle_description, Separator};
+use crate::error::{Error, Result};
+
+/// Everything needed to build a batch; cheap to share between threads.
+#[derive(Clone)]
+pub struct BatchMaker {
+    pub pairs: Arc<Vec<Pair>>,
+    pub template: ChatTemplate,
+    pub text: TextProcessor,
+    pub processor: ClipImageProcessor,
+    pub instruction: Instruction,
+    pub max_len: Option<usize>,
+    pub shuffle: Separator,
+    pub seed: u64,
+}
+
+/// One micro-batch on the host.
+#[derive(Debug, Clone)]
+pub struct HostBatch {
+    pub text: TextBatch,
+    /// `[n, 3, height, width]` flattened.
+    pub pixels: Vec<f32>,
+    pub height: usize,
+    pub width: usize,
+    /// Samples whose description was cut to fit `max_len`: (source, tokens dropped).
+    pub truncated: Vec<(String, usize)>,
+}
+
+impl BatchMaker {
+    pub fn encoder(&self) -> SampleEncoder<'_> {
+        SampleEncoder {
+            template: &self.template,
+            text: &self.text,
+            instruction: self.instruction.clone(),
+            max_len: self.max_len,
+        }
+    }
+
+    /// The description as the model sees it in `epoch` (a fresh permutation every epoch).
+    pub fn description(&self, index: usize, epoch: usize) -> String {
+        shuffle_description(
+            &self.pairs[index].text,
+            self.shuffle,
+            self.seed,
+            epoch as u64,
+            index as u64,
+        )
+    }
+
+    /// Build the micro-batch of pair `indices` for `epoch`.
+    pub fn make(&self, epoch: usize, indices: &[usize]) -> Result<HostBatch> {
+        let enc = self.encoder();
+        let (height, width) = self.processor.output_size();
+        let mut texts = Vec::with_capacity(indices.len());
+        let mut pixels = Vec::with_capacity(indices.len() * 3 * height * width);
+        let mut truncated = Vec::new();
+        for &i in indices {
+            let pair = &self.pairs[i];
+            let e = enc
+                .encode(&self.description(i, epoch))
+                .map_err(|e| Error::Model(format!("{}: {e}", pair.source)))?;
+            if e.truncated > 0 {
+                truncated.push((pair.source.clone(), e.truncated));
+            }
+            texts.push(e);
+            let img = load_rgb(&pair.image)?;
+            pixels.extend(self.processor.preprocess(&img)?.data);
+        }
+        let pad = self
+            .text
+            .pad_token_id()
+            .or(self.text.eos_token_ids().first().copied())
+            .unwrap_or(0);
+        Ok(HostBatch {
+            text: pad_batch(&texts, pad),
+            pixels,
+            height,
+            width,
+            truncated,
+        })
+    }
+}

@@ -1,0 +1,172 @@
+//! Running a recipe: its stages in order, each in its own output directory, each continuing from
+//! the previous one's outputs (adapter, fully trained weights, proxy vectors). A finished stage
+//! leaves a `COMPLETE` marker; `--resume` skips finished stages and continues the first
+//! unfinished one from its newest (or the given) checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::config::{StageSpec, TrainConfig};
+use crate::error::{Error, Result};
+use crate::train::checkpoint::{resolve_resume, write_atomic, CheckpointManager};
+use crate::train::metrics::{plot_loss, MetricsLog};
+use crate::train::plan::TrainPlan;
+use crate::train::trainer::TrainOutcome;
+
+const COMPLETE: &str = "COMPLETE";
+
+/// How to continue a recipe.
+#[derive(Debug, Clone)]
+pub enum Resume {
+    /// Start from scratch (finished stages are re-run).
+    No,
+    /// Skip finished stages; continue the first unfinished one from its newest checkpoint.
+    Latest,
+    /// Continue from this checkpoint directory (of some stage); earlier stages must be finished.
+    Checkpoint(PathBuf),
+}
+
+#[derive(Serialize)]
+struct StageSummary<'a> {
+    stage: &'a str,
+    steps: u64,
+    final_loss: Option<f64>,
+}
+
+/// Print every stage's plan (loading each, nothing trained).
+pub fn describe_recipe(cfg: &TrainConfig) -> Result<String> {
+    let mut out = String::new();
+    let stages = cfg.stage_specs();
+    for (i, stage) in stages.iter().enumerate() {
+        // A later stage's inputs do not exist before a run: plan it from the base model.
+        let previous = i
+            .checked_sub(1)
+            .map(|j| stages[j].output_dir.clone())
+            .filter(|p| p.join(COMPLETE).is_file());
+        out.push_str(&format!("== stage {}/{}\n", i + 1, stages.len()));
+        out.push_str(&TrainPlan::build(cfg, stage, previous.as_deref())?.describe()?);
+    }
+    Ok(out)
+}
+
+/// Run the recipe; returns the outcome of every stage that ran.
+pub fn run_recipe(cfg: &TrainConfig, resume: Resume, quiet: bool) -> Result<Vec<TrainOutcome>> {
+    let stages = cfg.stage_specs();
+    std::fs::create_dir_all(&cfg.train.output_dir)
+        .map_err(|e| Error::io(&cfg.train.output_dir, e))?;
+    let resolved = toml::to_string_pretty(cfg)
+        .map_err(|e| Error::Model(format!("cannot serialise the recipe: {e}")))?;
+    write_atomic(
+        &cfg.train.output_dir.join("config.toml"),
+        resolved.as_bytes(),
+    )?;
+    let explicit = match &resume {
+        Resume::Checkpoint(dir) => Some(stage_of_checkpoint(&stages, dir)?),
+        _ => None,
+    };
+    let mut outcomes = Vec::new();
+    let mut previous: Option<PathBuf> = None;
+    for (i, stage) in stages.iter().enumerate() {
+        let done = stage.output_dir.join(COMPLETE).is_file();
+        let from: Option<PathBuf> = match (&resume, explicit) {
+            (Resume::No, _) => None,
+            (Resume::Latest, _) if done => {
+                tracing::info!("stage {} already complete, skipping", stage.name);
+                previous = Some(stage.output_dir.clone());
+                continue;
+            }
+            (Resume::Latest, _) => {
+                CheckpointManager::new(&stage.output_dir.join("checkpoints"), None).latest()?
+            }
+            (Resume::Checkpoint(dir), Some(k)) if i < k => {
+                if !done {
+                    return Err(Error::Model(format!(
+                        "cannot resume stage `{}` from {}: the earlier stage `{}` is not complete",
+                        stages[k].name,
+                        dir.display(),
+                        stage.name
+                    )));
+                }
+                previous = Some(stage.output_dir.clone());
+                continue;
+            }
+            (Resume::Checkpoint(dir), Some(k)) if i == k => Some(dir.clone()),
+            _ => None,
+        };
+        if from.is_none() {
+            // A fresh start of this stage must not inherit a stale completion marker.
+            let marker = stage.output_dir.join(COMPLETE);
+            if marker.exists() {
+                std::fs::remove_file(&marker).map_err(|e| Error::io(&marker, e))?;
+            }
+        }
+        let plan = TrainPlan::build(cfg, stage, previous.as_deref())?;
+        if !quiet {
+            eprint!("== stage {}/{}\n{}", i + 1, stages.len(), plan.describe()?);
+        }
+        let outcome = plan.run(from.as_deref(), quiet)?;
+        let halted = !outcome.complete;
+        if !halted {
+            let summary = StageSummary {
+                stage: &stage.name,
+                steps: outcome.steps,
+                final_loss: outcome.final_loss,
+            };
+            let json = serde_json::to_string_pretty(&summary)
+                .map_err(|e| Error::json(stage.output_dir.join(COMPLETE), e))?;
+            write_atomic(&stage.output_dir.join(COMPLETE), json.as_bytes())?;
+        }
+        previous = Some(stage.output_dir.clone());
+        outcomes.push(outcome);
+        if halted {
+            break;
+        }
+    }
+    if stages.len() > 1 {
+        let mut all = Vec::new();
+        for s in &stages {
+            let path = s.output_dir.join("metrics.jsonl");
+            if path.is_file() {
+                all.extend(MetricsLog::read_all(&path)?);
+            }
+        }
+        if !all.is_empty() {
+            plot_loss(
+                &all,
+                &cfg.train.output_dir.join("loss.png"),
+                "training loss (all stages)",
+            )?;
+        }
+    }
+    Ok(outcomes)
+}
+
+/// `--resume DIR`: which stage's checkpoints directory holds DIR.
+fn stage_of_checkpoint(stages: &[StageSpec], dir: &Path) -> Result<usize> {
+    let dir = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
+    for (i, s) in stages.iter().enumerate() {
+        if let Ok(root) = s.output_dir.join("checkpoints").canonicalize() {
+            if dir.parent() == Some(root.as_path()) {
+                return Ok(i);
+            }
+        }
+    }
+    Err(Error::Model(format!(
+        "{} is not a checkpoint of any stage of this recipe (expected <output_dir>/<stage>/checkpoints/checkpoint-N)",
+        dir.display()
+    )))
+}
+
+/// `--resume` argument: `latest` or a checkpoint directory.
+pub fn parse_resume(cfg: &TrainConfig, spec: Option<&str>) -> Result<Resume> {
+    Ok(match spec {
+        None => Resume::No,
+        Some("latest") => Resume::Latest,
+        Some(path) => {
+            // Relative names like `checkpoint-40` are looked up under the first stage too.
+            let first = cfg.stage_specs()[0].output_dir.join("checkpoints");
+            Resume::Checkpoint(resolve_resume(&first, path)?)
+        }
+    })
+}
