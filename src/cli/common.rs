@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
-use candle_core::{DType, Device};
+use anyhow::Context;
+use candle_core::DType;
 use clap::{Args, ValueEnum};
 
 use crate::data::processor::AspectMode;
@@ -46,7 +46,7 @@ pub struct ModelArgs {
 impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<Session> {
         let opts = SessionOptions {
-            device: parse_device(&self.device)?,
+            device: crate::model::parse_device(&self.device)?,
             dtype: match self.dtype {
                 DTypeArg::F32 => DType::F32,
                 DTypeArg::Bf16 => DType::BF16,
@@ -88,20 +88,6 @@ pub struct ImageArg {
     /// Image file (PNG/JPEG/TIFF/BMP/WebP; any mode is converted to RGB).
     #[arg(long)]
     pub image: PathBuf,
-}
-
-pub fn parse_device(spec: &str) -> anyhow::Result<Device> {
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0).context("opening CUDA device 0"),
-        s if s.starts_with("cuda:") => {
-            let n: usize = s[5..]
-                .parse()
-                .with_context(|| format!("--device {s}: expected cuda:N"))?;
-            Device::new_cuda(n).with_context(|| format!("opening CUDA device {n}"))
-        }
-        other => bail!("--device {other}: expected cpu, cuda or cuda:N"),
-    }
 }
 
 pub fn init_logging(verbose: u8) {

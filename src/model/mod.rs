@@ -16,9 +16,9 @@ pub mod lora;
 pub mod loss;
 pub mod weights;
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 pub use llama::KvCache;
 
 /// Rows that replace token embeddings at given positions (e.g. proxy-instruction vectors).
@@ -70,4 +70,24 @@ pub trait VisionLanguageModel {
     ) -> Result<Tensor>;
     /// Append `tokens: [b, s]` (text only) to the cache; returns the last position's logits.
     fn step(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
+}
+
+/// `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let dev = match spec {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0),
+        s if s.starts_with("cuda:") => {
+            let n: usize = s[5..]
+                .parse()
+                .map_err(|_| Error::Model(format!("device `{s}`: expected cuda:N")))?;
+            Device::new_cuda(n)
+        }
+        other => {
+            return Err(Error::Model(format!(
+                "device `{other}`: expected cpu, cuda or cuda:N"
+            )))
+        }
+    };
+    dev.map_err(|e| Error::Model(format!("cannot open device `{spec}`: {e}")))
 }

@@ -19,6 +19,7 @@ use crate::data::shuffle::Separator;
 use crate::error::{Error, Result};
 use crate::method::proxy::ProxyInstruction;
 use crate::model::checkpoint::resolve_model;
+use crate::model::parse_device;
 use crate::model::llava::{LlavaModel, LoadOptions};
 use crate::model::lora::LoraFactory;
 use crate::model::weights::WeightStore;
@@ -470,23 +471,4 @@ fn dtype_bytes(dtype: &str) -> f64 {
         "bf16" | "f16" => 2.0,
         _ => 4.0,
     }
-}
-
-pub fn parse_device(spec: &str) -> Result<Device> {
-    let dev = match spec {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0),
-        s if s.starts_with("cuda:") => {
-            let n: usize = s[5..]
-                .parse()
-                .map_err(|_| Error::Model(format!("device `{s}`: expected cuda:N")))?;
-            Device::new_cuda(n)
-        }
-        other => {
-            return Err(Error::Model(format!(
-                "device `{other}`: expected cpu, cuda or cuda:N"
-            )))
-        }
-    };
-    dev.map_err(|e| Error::Model(format!("cannot open device `{spec}`: {e}")))
 }
