@@ -5,10 +5,12 @@
 //! its processor and tokenizer) → `cli` (commands).
 
 pub mod adapter;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod method;
 pub mod model;
 pub mod session;
