@@ -8,4 +8,5 @@
 //! (MT19937 with Python's integer seeding, `getrandbits`, `random`, `randrange`, `shuffle`, `sample`),
 //! tested against sequences recorded from CPython (`scripts/make_pyrandom_fixtures.py`).
 
+pub mod prepare;
 pub mod pyrandom;

@@ -1,0 +1,124 @@
+//! What every benchmark's `prepare` shares: options, the output layout, the summary, writers.
+//!
+//! Output layout of `lvlm-ift prepare --benchmark B --source SRC --out OUT`:
+//! `OUT/train.jsonl`, `OUT/val.jsonl` (image–description pairs, `{"image", "text"}`, image paths
+//! relative to OUT or absolute), `OUT/mcq_val.jsonl`, `OUT/mcq_test.jsonl` ([`McqItem`] per line,
+//! same path rule), optional `OUT/images/` (letterboxed cache), `OUT/summary.json`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::eval::mcq::McqItem;
+use crate::train::checkpoint::write_atomic;
+
+pub const TRAIN_PAIRS: &str = "train.jsonl";
+pub const VAL_PAIRS: &str = "val.jsonl";
+pub const MCQ_VAL: &str = "mcq_val.jsonl";
+pub const MCQ_TEST: &str = "mcq_test.jsonl";
+pub const SUMMARY: &str = "summary.json";
+
+#[derive(Debug, Clone, Default)]
+pub struct PrepareOptions {
+    /// Write letterboxed `size`×`size` copies of the images under `OUT/images/` and point the
+    /// outputs at them.
+    pub image_cache: Option<u32>,
+}
+
+/// One training pair as written to `train.jsonl` / `val.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PairRecord {
+    pub image: String,
+    pub text: String,
+}
+
+/// A source row that was not used, and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Skipped {
+    /// `file:line` (or an id).
+    pub source: String,
+    pub reason: String,
+}
+
+/// `summary.json`: counts per split and per question key, option-count histogram, skipped rows.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PrepareSummary {
+    pub benchmark: String,
+    pub pairs: BTreeMap<String, usize>,
+    pub items: BTreeMap<String, usize>,
+    pub items_per_key: BTreeMap<String, BTreeMap<String, usize>>,
+    pub option_counts: BTreeMap<String, BTreeMap<usize, usize>>,
+    pub skipped: Vec<Skipped>,
+}
+
+impl PrepareSummary {
+    pub fn new(benchmark: &str) -> Self {
+        Self {
+            benchmark: benchmark.to_string(),
+            ..Self::default()
+        }
+    }
+
+    pub fn count_items(&mut self, split: &str, items: &[McqItem]) {
+        self.items.insert(split.to_string(), items.len());
+        let per_key = self.items_per_key.entry(split.to_string()).or_default();
+        let hist = self.option_counts.entry(split.to_string()).or_default();
+        for it in items {
+            *per_key.entry(it.key.clone()).or_default() += 1;
+            *hist.entry(it.options.len()).or_default() += 1;
+        }
+    }
+}
+
+/// Write JSON lines atomically.
+pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+    let mut out = String::new();
+    for r in rows {
+        out.push_str(&serde_json::to_string(r).map_err(|e| Error::json(path, e))?);
+        out.push('\n');
+    }
+    write_atomic(path, out.as_bytes())
+}
+
+/// Write the whole prepared set.
+pub fn write_outputs(
+    out: &Path,
+    train: &[PairRecord],
+    val: &[PairRecord],
+    mcq_val: &[McqItem],
+    mcq_test: &[McqItem],
+    summary: &mut PrepareSummary,
+) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    summary.pairs.insert("train".into(), train.len());
+    summary.pairs.insert("val".into(), val.len());
+    summary.count_items("val", mcq_val);
+    summary.count_items("test", mcq_test);
+    write_jsonl(&out.join(TRAIN_PAIRS), train)?;
+    write_jsonl(&out.join(VAL_PAIRS), val)?;
+    write_jsonl(&out.join(MCQ_VAL), mcq_val)?;
+    write_jsonl(&out.join(MCQ_TEST), mcq_test)?;
+    let json = serde_json::to_string_pretty(summary).map_err(|e| Error::json(out.join(SUMMARY), e))?;
+    write_atomic(&out.join(SUMMARY), json.as_bytes())
+}
+
+/// A required column is missing: name it, the file, and the columns found.
+pub fn missing_column(file: &Path, column: &str, found: &[String]) -> Error {
+    Error::Config {
+        path: file.to_path_buf(),
+        key: column.to_string(),
+        reason: format!("missing column (found: {})", found.join(", ")),
+    }
+}
+
+/// Path of `image` relative to `out` when it lies inside it, else absolute.
+pub fn display_path(out: &Path, image: &Path) -> String {
+    image
+        .strip_prefix(out)
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| image.to_path_buf())
+        .to_string_lossy()
+        .into_owned()
+}
