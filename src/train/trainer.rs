@@ -78,15 +78,16 @@ impl TrainPlan {
         })
     }
 
-    /// Forward + loss of one host batch.
-    fn loss(&self, batch: &HostBatch) -> Result<Tensor> {
+    /// Forward + loss of one host batch (its pixel buffer moves into the tensor).
+    fn loss(&self, batch: &mut HostBatch) -> Result<Tensor> {
+        let pixels = std::mem::take(&mut batch.pixels);
         let t = &batch.text;
         let (b, s) = (t.input_ids.len(), t.input_ids[0].len());
         let ids = Tensor::from_vec(t.input_ids.concat(), (b, s), &self.device)?;
         let mask = Tensor::from_vec(t.attention_mask.concat(), (b, s), &self.device)?;
         let labels = Tensor::from_vec(t.labels.concat(), (b, s), &self.device)?;
         let pixels = Tensor::from_vec(
-            batch.pixels.clone(),
+            pixels,
             (b, 3, batch.height, batch.width),
             &self.device,
         )?;
@@ -164,13 +165,13 @@ impl TrainPlan {
             let mut grads = Gradients::new();
             let (mut loss_sum, mut tokens, mut micro_done) = (0.0, 0usize, 0usize);
             while micro_done < accum && state.micro_batch < micro_per_epoch {
-                let batch = batches
+                let mut batch = batches
                     .next()
                     .ok_or_else(|| Error::Model("data loader ended early".into()))??;
                 for (source, n) in &batch.truncated {
                     tracing::warn!("{source}: description cut by {n} tokens to fit data.max_len");
                 }
-                let loss = self.loss(&batch)?;
+                let loss = self.loss(&mut batch)?;
                 loss_sum += loss.to_scalar::<f32>()? as f64;
                 let g = Gradients::from_store(&named, &(loss / accum as f64)?.backward()?)?;
                 grads.accumulate(g)?;
