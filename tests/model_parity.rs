@@ -163,3 +163,23 @@ fn cached_prefill_equals_full_forward() {
     println!("cached vs full: max abs {max:.3e} (logit scale {scale})");
     assert!(max < 1e-4, "cached vs full: {max}");
 }
+
+/// A generated image token is embedded like any other token (HF's generate does the same):
+/// image features enter only with the prompt.
+#[test]
+fn decoding_step_accepts_an_image_token() {
+    let m = load("tiny-llava");
+    let exp = Expected::load("tiny-llava");
+    let ids = exp.ids("input_ids.raw");
+    let mut cache = m.new_cache();
+    m.prefill(
+        &ids_tensor(&ids),
+        Some(exp.tensor("pixel_values.photo")),
+        &mut cache,
+    )
+    .unwrap();
+    let logits = m
+        .step(&ids_tensor(&[m.image_token_id()]), &mut cache)
+        .unwrap();
+    assert_eq!(logits.dims(), &[1, 400]);
+}

@@ -167,6 +167,26 @@ impl LlavaModel {
         Ok(scatter_rows(&flat, &inj.rows, &inj.positions)?.reshape((b, s, h))?)
     }
 
+    /// Plain token embeddings `[b, s, h]`; the image token may sit past the embedding table
+    /// (HF zeroes those ids before the lookup).
+    fn text_embeds(&self, id_rows: &[Vec<u32>]) -> Result<Tensor> {
+        let (b, s) = (id_rows.len(), id_rows.first().map_or(0, Vec::len));
+        let image_id = self.cfg.image_token_id;
+        let vocab = self.cfg.text.vocab_size as u32;
+        let safe: Vec<u32> = id_rows
+            .iter()
+            .flatten()
+            .map(|&t| if t == image_id && t >= vocab { 0 } else { t })
+            .collect();
+        if let Some(bad) = safe.iter().find(|&&t| t >= vocab) {
+            return Err(Error::Model(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        let safe = Tensor::from_vec(safe, (b, s), &self.device)?;
+        Ok(self.language_model.embed(&safe)?)
+    }
+
     fn token_and_image_embeds(
         &self,
         input_ids: &Tensor,
@@ -183,20 +203,7 @@ impl LlavaModel {
             .filter(|(_, &t)| t == image_id)
             .map(|(p, _)| p)
             .collect();
-        let vocab = self.cfg.text.vocab_size as u32;
-        // The image token may sit past the embedding table (HF zeroes those ids before lookup).
-        let safe: Vec<u32> = id_rows
-            .iter()
-            .flatten()
-            .map(|&t| if t == image_id && t >= vocab { 0 } else { t })
-            .collect();
-        if let Some(bad) = safe.iter().find(|&&t| t >= vocab) {
-            return Err(Error::Model(format!(
-                "token id {bad} is outside the vocabulary of {vocab}"
-            )));
-        }
-        let safe = Tensor::from_vec(safe, (b, s), &self.device)?;
-        let embeds = self.language_model.embed(&safe)?;
+        let embeds = self.text_embeds(&id_rows)?;
         let hidden = embeds.dim(2)?;
         let Some(pixels) = pixel_values else {
             if !positions.is_empty() {
@@ -316,7 +323,9 @@ impl VisionLanguageModel for LlavaModel {
     }
 
     fn step(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let embeds = self.input_embeds(tokens, None, None)?;
+        // Generated tokens are embedded as they are, an image token included: image features
+        // enter only with the prompt, as in HF's generate.
+        let embeds = self.text_embeds(&tokens.to_dtype(DType::U32)?.to_vec2::<u32>()?)?;
         self.extend(&embeds, cache)
     }
 }
