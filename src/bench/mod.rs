@@ -8,5 +8,10 @@
 //! (MT19937 with Python's integer seeding, `getrandbits`, `random`, `randrange`, `shuffle`, `sample`),
 //! tested against sequences recorded from CPython (`scripts/make_pyrandom_fixtures.py`).
 
+pub mod cbis;
+pub mod letterbox;
+pub mod mimic_cxr;
 pub mod prepare;
 pub mod pyrandom;
+pub mod skincon;
+pub mod wbcatt;

@@ -100,7 +100,8 @@ pub fn write_outputs(
     write_jsonl(&out.join(VAL_PAIRS), val)?;
     write_jsonl(&out.join(MCQ_VAL), mcq_val)?;
     write_jsonl(&out.join(MCQ_TEST), mcq_test)?;
-    let json = serde_json::to_string_pretty(summary).map_err(|e| Error::json(out.join(SUMMARY), e))?;
+    let json =
+        serde_json::to_string_pretty(summary).map_err(|e| Error::json(out.join(SUMMARY), e))?;
     write_atomic(&out.join(SUMMARY), json.as_bytes())
 }
 

@@ -2,8 +2,10 @@
 //! library calls and printing results.
 
 mod common;
+mod eval;
 mod generate;
 mod merge;
+mod prepare;
 mod score;
 mod synth;
 mod train;
@@ -30,8 +32,12 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Fine-tune (LoRA and/or full module groups) from a TOML recipe.
     Train(train::TrainArgs),
+    /// Multiple-choice VQA evaluation of a model (and adapter) on a prepared benchmark.
+    Eval(eval::EvalArgs),
     /// Fold a LoRA adapter (and/or fully trained weights) into a copy of the base checkpoint.
     Merge(merge::MergeArgs),
+    /// Turn a benchmark's released label files into training pairs and MCQ sets.
+    Prepare(prepare::PrepareArgs),
     /// Write a synthetic image-description pair set (tests, demos).
     #[command(hide = true)]
     SynthPairs(synth::SynthArgs),
@@ -45,7 +51,9 @@ pub fn run() -> anyhow::Result<()> {
         Command::Score(args) => score::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Train(args) => train::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Merge(args) => merge::run(args),
+        Command::Prepare(args) => prepare::run(args),
         Command::SynthPairs(args) => synth::run(args),
     }
 }

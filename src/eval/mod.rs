@@ -5,5 +5,8 @@
 //! [`parse::parse_strict`] is the reference's scoring (the reported metric), [`parse::parse_lenient`] a
 //! forgiving reading reported beside it to show how much accuracy is lost to answer formatting alone.
 
+pub mod confusion;
 pub mod mcq;
 pub mod parse;
+pub mod report;
+pub mod run;

@@ -86,11 +86,7 @@ impl TrainPlan {
         let ids = Tensor::from_vec(t.input_ids.concat(), (b, s), &self.device)?;
         let mask = Tensor::from_vec(t.attention_mask.concat(), (b, s), &self.device)?;
         let labels = Tensor::from_vec(t.labels.concat(), (b, s), &self.device)?;
-        let pixels = Tensor::from_vec(
-            pixels,
-            (b, 3, batch.height, batch.width),
-            &self.device,
-        )?;
+        let pixels = Tensor::from_vec(pixels, (b, 3, batch.height, batch.width), &self.device)?;
         let inject = match &self.proxy {
             Some(p) => Some(Injection {
                 positions: t.proxy_positions.clone(),

@@ -1,0 +1,330 @@
+#!/usr/bin/env python3
+"""Tiny synthetic CBIS-DDSM and MIMIC-CXR-JPG copies + the expected prepared items.
+
+Writes tests/fixtures/bench/cbis/{source/,expected_*.jsonl} and
+tests/fixtures/bench/mimic-cxr/{source/,expected_*.jsonl}. The CSVs have the released files'
+columns and a handful of rows, including tricky ones (CBIS: BENIGN_WITHOUT_CALLBACK, a
+non-whitelisted shape, an unknown pathology, values with `_`, a missing value, a trailing newline in
+the cropped path, a crop found only through dicom_info.csv; MIMIC: an uncertain label, a no-finding
+study, a lateral-only study, an AP-only study, a study missing from the split file).
+
+The expected items come from a straightforward Python implementation of the protocol (METHOD.md and
+the module docs of src/bench/cbis.rs and src/bench/mimic_cxr.rs) with Python's own `random`, the
+stand-in for the reference's item lists. Image paths in expected_*.jsonl are relative to source/.
+
+Requires Pillow (scripts/requirements-fixtures.txt). Run from the repository root:
+    python3 scripts/make_bench_fixtures_cbis_mimic.py
+"""
+import csv
+import json
+import os
+import random
+import shutil
+
+from PIL import Image
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "bench")
+
+
+def write_csv(path, header, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for r in rows:
+            w.writerow(r)
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def grey(path, w, h, v):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img = Image.new("L", (w, h), v)
+    for x in range(min(w, h)):
+        img.putpixel((x, x), 255 - v)
+    img.save(path)
+
+
+# ----------------------------------------------------------------------------------------------- CBIS
+MASS_HDR = ["patient_id", "breast_density", "left or right breast", "image view", "abnormality id",
+            "abnormality type", "mass shape", "mass margins", "assessment", "pathology", "subtlety",
+            "image file path", "cropped image file path", "ROI mask file path"]
+CALC_HDR = ["patient_id", "breast density", "left or right breast", "image view", "abnormality id",
+            "abnormality type", "calc type", "calc distribution", "assessment", "pathology", "subtlety",
+            "image file path", "cropped image file path", "ROI mask file path"]
+WL = {
+    "mass shape": ["architectural distortion", "asymmetric breast tissue", "focal asymmetric density",
+                   "irregular", "lobulated", "lymph node", "oval", "round"],
+    "mass margins": ["circumscribed", "ill defined", "microlobulated", "obscured", "spiculated"],
+    "calc type": ["amorphous", "coarse", "eggshell", "fine linear branching", "lucent center",
+                  "pleomorphic", "punctate", "round and regular", "vascular"],
+    "calc distribution": ["clustered", "diffusely scattered", "linear", "regional", "segmental"],
+}
+
+# (patient, abnormality type, value1, value2, pathology, crop kind)
+MASS_TRAIN = [
+    ("P_00001", "mass", "IRREGULAR", "SPICULATED", "MALIGNANT", "png"),
+    ("P_00004", "mass", "ARCHITECTURAL_DISTORTION", "ILL_DEFINED", "BENIGN", "png"),
+    ("P_00009", "mass", "IRREGULAR-ARCHITECTURAL_DISTORTION", "SPICULATED", "MALIGNANT", "png"),
+    ("P_00015", "mass", "LOBULATED", "ILL_DEFINED", "BENIGN_WITHOUT_CALLBACK", "png"),
+    ("P_00018", "mass", "ROUND", "CIRCUMSCRIBED", "BENIGN", "dicom_info"),
+    ("P_00021", "mass", "OVAL", "OBSCURED", "UNKNOWN", "png"),
+    ("P_00023", "mass", "LYMPH_NODE", "CIRCUMSCRIBED", "BENIGN_WITHOUT_CALLBACK", "png"),
+    ("P_00026", "mass", "ASYMMETRIC_BREAST_TISSUE", "", "BENIGN", "png"),
+    ("P_00027", "mass", "FOCAL_ASYMMETRIC_DENSITY", "MICROLOBULATED", "MALIGNANT", "png"),
+    ("P_00027", "mass", "OVAL", "ILL_DEFINED-SPICULATED", "MALIGNANT", "png"),
+    ("P_00034", "mass", "IRREGULAR", "MICROLOBULATED", "MALIGNANT", "png"),
+    ("P_00039", "mass", "ROUND", "OBSCURED", "BENIGN", "png"),
+]
+CALC_TRAIN = [
+    ("P_00005", "calcification", "AMORPHOUS", "CLUSTERED", "MALIGNANT", "png"),
+    ("P_00007", "calcification", "FINE_LINEAR_BRANCHING", "LINEAR", "MALIGNANT", "png"),
+    ("P_00008", "calcification", "LUCENT_CENTER", "", "BENIGN_WITHOUT_CALLBACK", "png"),
+    ("P_00011", "calcification", "ROUND_AND_REGULAR", "DIFFUSELY_SCATTERED", "BENIGN", "png"),
+    ("P_00012", "calcification", "PLEOMORPHIC", "SEGMENTAL", "MALIGNANT", "png"),
+    ("P_00001", "calcification", "PUNCTATE", "REGIONAL", "BENIGN", "png"),
+    ("P_00044", "calcification", "VASCULAR", "CLUSTERED", "BENIGN_WITHOUT_CALLBACK", "png"),
+    ("P_00045", "calcification", "PUNCTATE-PLEOMORPHIC", "CLUSTERED", "MALIGNANT", "png"),
+    ("P_00046", "calcification", "EGGSHELL", "REGIONAL", "BENIGN", "png"),
+    ("P_00047", "calcification", "COARSE", "SEGMENTAL", "BENIGN", "png"),
+    ("P_00048", "calcification", "AMORPHOUS", "LINEAR", "MALIGNANT", "png"),
+]
+MASS_TEST = [
+    ("P_00016", "mass", "IRREGULAR", "SPICULATED", "MALIGNANT", "png"),
+    ("P_00017", "mass", "OVAL", "CIRCUMSCRIBED", "BENIGN_WITHOUT_CALLBACK", "png"),
+    ("P_00032", "mass", "LOBULATED-IRREGULAR", "OBSCURED", "BENIGN", "png"),
+    ("P_00037", "mass", "ARCHITECTURAL_DISTORTION", "ILL_DEFINED", "MALIGNANT", "png"),
+]
+CALC_TEST = [
+    ("P_00038", "calcification", "PLEOMORPHIC", "CLUSTERED", "MALIGNANT", "png"),
+    ("P_00040", "calcification", "LUCENT_CENTER", "SEGMENTAL", "BENIGN_WITHOUT_CALLBACK", "png"),
+    ("P_00041", "calcification", "FINE_LINEAR_BRANCHING", "", "MALIGNANT", "png"),
+    ("P_00042", "calcification", "ROUND_AND_REGULAR", "REGIONAL", "UNSURE", "png"),
+]
+
+
+def cbis_fixture():
+    base = os.path.join(ROOT, "cbis")
+    src = os.path.join(base, "source")
+    shutil.rmtree(base, ignore_errors=True)
+    info_rows = []
+    files = [("mass_case_description_train_set.csv", MASS_HDR, MASS_TRAIN, "Mass-Training"),
+             ("calc_case_description_train_set.csv", CALC_HDR, CALC_TRAIN, "Calc-Training"),
+             ("mass_case_description_test_set.csv", MASS_HDR, MASS_TEST, "Mass-Test"),
+             ("calc_case_description_test_set.csv", CALC_HDR, CALC_TEST, "Calc-Test")]
+    k = 0
+    for name, hdr, rows, prefix in files:
+        out = []
+        for i, (pid, abn, v1, v2, path, kind) in enumerate(rows, start=1):
+            k += 1
+            case = f"{prefix}_{pid}_LEFT_CC_{i}"
+            study, series = f"1.3.6.1.4.1.9590.100.1.2.{k}1", f"1.3.6.1.4.1.9590.100.1.2.{k}2"
+            full = f"{case}/{study}/{series}0/000000.dcm"
+            if kind == "png":
+                crop = f"roi/{case}.png\n"  # the released CSVs carry a newline inside the quotes
+                grey(os.path.join(src, crop.strip()), 6 + (k % 5) * 3, 5 + (k % 3) * 4, 40 + k * 5)
+            else:
+                crop = f"{case}_1/{study}/{series}/000000.dcm\n"
+                jpg = f"CBIS-DDSM/jpeg/{series}/1-{k}.jpg"
+                info_rows.append([f"CBIS-DDSM/dicom/{series}.dcm", f"CBIS-DDSM/jpeg/{series}/2-{k}.jpg",
+                                  pid, "ROI mask images", series, study])
+                info_rows.append([f"CBIS-DDSM/dicom/{series}b.dcm", jpg, pid, "cropped images", series, study])
+                # Kaggle layout: image_path starts with CBIS-DDSM/, the source dir is that folder.
+                img = Image.new("L", (9, 14), 120)
+                p = os.path.join(src, "jpeg", series, f"1-{k}.jpg")
+                os.makedirs(os.path.dirname(p), exist_ok=True)
+                img.save(p, quality=90)
+            out.append([pid, 2, "LEFT", "CC", 1, abn, v1, v2, 4, path, 3, full, crop, full.replace("000000", "000001")])
+        write_csv(os.path.join(src, name), hdr, out)
+    write_csv(os.path.join(src, "dicom_info.csv"),
+              ["file_path", "image_path", "PatientID", "SeriesDescription", "SeriesInstanceUID", "StudyInstanceUID"],
+              info_rows)
+    return base, src
+
+
+def norm(v):
+    return v.lower().replace("_", " ").strip()
+
+
+def cbis_expected(base, src):
+    def read(name):
+        with open(os.path.join(src, name), newline="") as f:
+            return list(csv.DictReader(f))
+
+    info = {}
+    for r in read("dicom_info.csv"):
+        if r["SeriesDescription"].strip().lower() == "cropped images":
+            info.setdefault(r["SeriesInstanceUID"].strip(), r["image_path"].strip())
+
+    def image(rel):
+        rel = rel.strip()
+        if os.path.isfile(os.path.join(src, rel)) and not rel.lower().endswith(".dcm"):
+            return rel
+        series = rel.split("/")[-2]
+        p = info[series]
+        if os.path.isfile(os.path.join(src, p)):
+            return p
+        return "/".join(p.split("/")[1:])
+
+    def rois(name, keys):
+        out = []
+        for row, r in enumerate(read(name), start=1):
+            abn = norm(r["abnormality type"])
+            path = norm(r["pathology"])
+            if path == "benign without callback":
+                path = "benign"
+            if abn not in ("calcification", "mass") or path not in ("benign", "malignant"):
+                continue
+            out.append(dict(stem=name[:-4], row=row, patient=r["patient_id"].strip(), abn=abn, path=path,
+                            lesion=[(k, norm(r[k])) for k in keys], image=image(r["cropped image file path"])))
+        return out
+
+    mk, ck = ["mass shape", "mass margins"], ["calc type", "calc distribution"]
+    train_rois = rois("mass_case_description_train_set.csv", mk) + rois("calc_case_description_train_set.csv", ck)
+    test_rois = rois("mass_case_description_test_set.csv", mk) + rois("calc_case_description_test_set.csv", ck)
+    patients = set()
+    for name in ("mass_case_description_train_set.csv", "calc_case_description_train_set.csv"):
+        patients |= {r["patient_id"].strip() for r in read(name)}
+    patients = sorted(patients)
+    random.Random(0).shuffle(patients)
+    val_ids = set(patients[: int(0.1 * len(patients))])
+
+    rng = random.Random(1)
+
+    def items(roi):
+        res = []
+        for k, v in roi["lesion"]:
+            if v in WL[k]:
+                opts = [v] + rng.sample([o for o in WL[k] if o != v], 4)
+                rng.shuffle(opts)
+                res.append((k, opts, v))
+        res.append(("abnormality type", ["calcification", "mass"], roi["abn"]))
+        res.append(("pathology", ["benign", "malignant"], roi["path"]))
+        return [dict(id=f"{roi['stem']}-{roi['row']}-{k.replace(' ', '_')}", image=roi["image"], key=k,
+                     options=o, answer=o.index(t)) for k, o, t in res]
+
+    def desc(roi):
+        parts = [f"{v} {k}" for k, v in roi["lesion"] if v]
+        return ", ".join(parts + [roi["abn"], roi["path"]])
+
+    train, val, mcq_val, mcq_test = [], [], [], []
+    for roi in train_rois:
+        pair = dict(image=roi["image"], text=desc(roi))
+        if roi["patient"] in val_ids:
+            val.append(pair)
+            mcq_val += items(roi)
+        else:
+            train.append(pair)
+    for roi in test_rois:
+        mcq_test += items(roi)
+    write_jsonl(os.path.join(base, "expected_train.jsonl"), train)
+    write_jsonl(os.path.join(base, "expected_val.jsonl"), val)
+    write_jsonl(os.path.join(base, "expected_mcq_val.jsonl"), mcq_val)
+    write_jsonl(os.path.join(base, "expected_mcq_test.jsonl"), mcq_test)
+    print(f"cbis: {len(train)} train, {len(val)} val pairs, {len(mcq_val)} val, {len(mcq_test)} test items, "
+          f"val patients {sorted(val_ids)}")
+
+
+# ------------------------------------------------------------------------------------------- MIMIC
+CHEX = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
+        "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
+        "Pneumothorax", "Support Devices"]
+FINDINGS = [c for c in CHEX if c != "No Finding"]
+
+# (subject, study, split or None, [(dicom, view)], {column: value})
+STUDIES = [
+    ("10000032", "50414267", "train", [("d01", "PA"), ("d02", "LATERAL")], {"Cardiomegaly": "1.0", "Edema": "0.0"}),
+    ("10000032", "53189527", "train", [("d03", "LATERAL"), ("d04", "AP")], {"No Finding": "1.0"}),
+    ("10000764", "57375967", "train", [("d05", "AP"), ("d06", "PA")], {"Pleural Effusion": "1.0", "Atelectasis": "1.0"}),
+    ("10000898", "50771383", "train", [("d07", "PA")], {"Lung Opacity": "1.0", "Pneumonia": "-1.0"}),
+    ("10000935", "51178377", "train", [("d08", "LATERAL")], {"Edema": "1.0"}),
+    ("10000980", "54577367", "train", [("d09", "PA")], {"Support Devices": "1.0", "Edema": "1.0"}),
+    ("10001038", "58224503", None, [("d10", "PA")], {"Fracture": "1.0"}),
+    ("11001176", "53186264", "validate", [("d11", "PA"), ("d12", "LL")], {"Cardiomegaly": "1.0"}),
+    ("11001217", "52067803", "validate", [("d13", "AP")], {}),
+    ("11001401", "51065211", "validate", [("d14", "PA")], {"Consolidation": "1.0", "Pneumonia": "-1.0"}),
+    ("11001884", "56307174", "validate", [("d15", "PA")], {"Pleural Effusion": "1.0", "Atelectasis": "1.0"}),
+    ("12002428", "55283000", "test", [("d16", "PA")], {"Enlarged Cardiomediastinum": "1.0", "Lung Lesion": "1.0"}),
+    ("12002428", "59258269", "test", [("d17", "LATERAL")], {"Pneumothorax": "1.0"}),
+    ("12003026", "50133627", "test", [("d18", "AP")], {"No Finding": "1.0"}),
+    ("12004457", "58355597", "test", [("d19", "PA"), ("d20", "PA")], {"Pleural Other": "1.0", "Fracture": "0.0"}),
+    ("12005166", "53350395", "test", [("d21", "AP")], {"Pneumothorax": "1.0", "Support Devices": "1.0"}),
+]
+
+
+def mimic_fixture():
+    base = os.path.join(ROOT, "mimic-cxr")
+    src = os.path.join(base, "source")
+    shutil.rmtree(base, ignore_errors=True)
+    chex, split, meta = [], [], []
+    for n, (subj, study, sp, views, labels) in enumerate(STUDIES):
+        chex.append([subj, study] + [labels.get(c, "") for c in CHEX])
+        for dicom, view in views:
+            if sp is not None:
+                split.append([dicom, study, subj, sp])
+            meta.append([dicom, subj, study, "CHEST (PA AND LAT)", view, 3056, 2544, 21800506, 213014.531,
+                         "CHEST (PA AND LAT)", "postero-anterior", "Erect"])
+            p = os.path.join(src, "files", f"p{subj[:2]}", f"p{subj}", f"s{study}", f"{dicom}.jpg")
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+            Image.new("L", (10 + n % 4, 8 + n % 3), 30 + 10 * n).save(p, quality=85)
+    write_csv(os.path.join(src, "mimic-cxr-2.0.0-chexpert.csv"), ["subject_id", "study_id"] + CHEX, chex)
+    write_csv(os.path.join(src, "mimic-cxr-2.0.0-split.csv"), ["dicom_id", "study_id", "subject_id", "split"], split)
+    write_csv(os.path.join(src, "mimic-cxr-2.0.0-metadata.csv"),
+              ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
+               "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
+               "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"], meta)
+    return base, src
+
+
+def mimic_expected(base, src):
+    def read(name):
+        with open(os.path.join(src, name), newline="") as f:
+            return list(csv.DictReader(f))
+
+    split = {}
+    for r in read("mimic-cxr-2.0.0-split.csv"):
+        split.setdefault(r["study_id"], r["split"])
+    views = {}
+    for r in read("mimic-cxr-2.0.0-metadata.csv"):
+        views.setdefault(r["study_id"], []).append((r["dicom_id"], r["ViewPosition"].upper()))
+    studies = []
+    for r in read("mimic-cxr-2.0.0-chexpert.csv"):
+        sp = {"train": "train", "validate": "val", "test": "test"}.get(split.get(r["study_id"]))
+        if sp is None:
+            continue
+        v = views.get(r["study_id"], [])
+        frontal = [d for d, x in v if x == "PA"] or [d for d, x in v if x == "AP"]
+        if not frontal:
+            continue
+        pos = [c.lower() for c in FINDINGS if r[c] and float(r[c]) == 1.0]
+        unc = any(r[c] and float(r[c]) == -1.0 for c in CHEX)
+        subj, study = r["subject_id"], r["study_id"]
+        studies.append(dict(split=sp, study=study, desc=", ".join(pos) or "no finding", asked=sp != "train" and not unc,
+                            image=f"files/p{subj[:2]}/p{subj}/s{study}/{frontal[0]}.jpg"))
+    pool = sorted({s["desc"] for s in studies})
+    rng = random.Random(1)
+    out = {"train": [], "val": [], "mcq_val": [], "mcq_test": []}
+    for s in studies:
+        if s["split"] in ("train", "val"):
+            out[s["split"]].append(dict(image=s["image"], text=s["desc"]))
+    for sp in ("val", "test"):
+        for s in studies:
+            if s["split"] != sp or not s["asked"]:
+                continue
+            others = [p for p in pool if p != s["desc"]]
+            opts = [s["desc"]] + rng.sample(others, min(4, len(others)))
+            rng.shuffle(opts)
+            out["mcq_" + sp].append(dict(id=f"mimic-cxr-s{s['study']}", image=s["image"], key="findings",
+                                         options=opts, answer=opts.index(s["desc"])))
+    for k, rows in out.items():
+        write_jsonl(os.path.join(base, f"expected_{k}.jsonl"), rows)
+    print("mimic-cxr: " + ", ".join(f"{k} {len(v)}" for k, v in out.items()) + f", pool {len(pool)}")
+
+
+if __name__ == "__main__":
+    cbis_expected(*cbis_fixture())
+    mimic_expected(*mimic_fixture())

@@ -1,0 +1,403 @@
+//! MIMIC-CXR-JPG: chest X-ray studies with CheXpert labels. The reference has no pipeline for it;
+//! lvlm-ift defines this one (METHOD.md, MIMIC-CXR paragraph).
+//!
+//! **Source directory.** `mimic-cxr-2.0.0-chexpert.csv` (`subject_id`, `study_id` and the 14
+//! CheXpert columns, values `1.0` / `0.0` / `-1.0` / empty), `mimic-cxr-2.0.0-split.csv`
+//! (`dicom_id`, `study_id`, `subject_id`, `split` in `train` / `validate` / `test`),
+//! `mimic-cxr-2.0.0-metadata.csv` (`dicom_id`, `study_id`, ..., `ViewPosition`) and the images at
+//! `files/p{first 2 digits of subject}/p{subject}/s{study}/{dicom_id}.jpg`.
+//!
+//! **One unit per study** (a row of the CheXpert file, walked in file order):
+//! - split: the `split` of the study's first row in the split file (`validate` -> val); a study that is
+//!   not in the split file, or has another split value, is left out (listed in `summary.skipped`);
+//! - image: among the study's rows of the metadata file, in file order, the first with `ViewPosition`
+//!   `PA`, else the first `AP`; studies without a frontal image are left out (reason listed);
+//! - labels: empty or `0` = negative, `1` = positive, `-1` = uncertain; any other value leaves the
+//!   study out (reason listed, never mapped);
+//! - description: the lower-cased names of the positive findings in CheXpert column order
+//!   ([`FINDINGS`]; `No Finding` is not itself a finding), joined with ", "; `"no finding"` when
+//!   there is none;
+//! - uncertain labels follow [`Uncertain`] (default [`Uncertain::ExcludeFromQuestions`]: the study keeps
+//!   its pair, described by its positives only, but gets no question; it is listed in
+//!   `summary.skipped` with reason "uncertain ...: pair kept, no question").
+//!
+//! **Outputs.** train studies -> `train.jsonl`; validate studies -> `val.jsonl` and `mcq_val.jsonl`;
+//! test studies -> `mcq_test.jsonl`.
+//!
+//! **Questions.** One per val/test study, key `findings`: `options = [truth] +
+//! rng.sample(pool without truth, min(4, len))`, then `rng.shuffle(options)`, with one eval generator
+//! `PyRandom::new(1)` consumed val studies first, then test studies, each in CheXpert file order. The
+//! pool is the sorted list of the distinct descriptions of all usable studies of all splits (those with
+//! a split and a frontal image, including ones without a question). Item id `mimic-cxr-s{study}`.
+//! Optional per-finding yes/no questions (METHOD.md) are not built yet.
+//!
+//! **Images.** With `opts.image_cache = Some(n)`, letterboxed n×n copies go to
+//! `OUT/images/{dicom_id}.png` (paths relative to OUT); else outputs hold absolute source paths.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use crate::bench::cbis::{field, Table};
+use crate::bench::letterbox::letterbox_file;
+use crate::bench::prepare::{
+    display_path, write_outputs, PairRecord, PrepareOptions, PrepareSummary, Skipped,
+};
+use crate::bench::pyrandom::PyRandom;
+use crate::error::{Error, Result};
+use crate::eval::mcq::McqItem;
+
+pub const CHEXPERT: &str = "mimic-cxr-2.0.0-chexpert.csv";
+pub const SPLIT: &str = "mimic-cxr-2.0.0-split.csv";
+pub const METADATA: &str = "mimic-cxr-2.0.0-metadata.csv";
+
+/// The 14 CheXpert columns in the released file's order.
+pub const CHEXPERT_COLUMNS: [&str; 14] = [
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Enlarged Cardiomediastinum",
+    "Fracture",
+    "Lung Lesion",
+    "Lung Opacity",
+    "No Finding",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Pneumonia",
+    "Pneumothorax",
+    "Support Devices",
+];
+
+/// The columns that are findings (all but `No Finding`), in column order.
+pub const FINDINGS: [&str; 13] = [
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Enlarged Cardiomediastinum",
+    "Fracture",
+    "Lung Lesion",
+    "Lung Opacity",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Pneumonia",
+    "Pneumothorax",
+    "Support Devices",
+];
+
+pub const NO_FINDING: &str = "no finding";
+pub const KEY: &str = "findings";
+pub const DISTRACTORS: usize = 4;
+
+/// What an uncertain (`-1.0`) label means.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Uncertain {
+    /// Description from positives only; the study gets no question (default).
+    #[default]
+    ExcludeFromQuestions,
+    /// Uncertain = negative; the study is asked like any other.
+    Negative,
+    /// Uncertain = positive; the study is asked like any other.
+    Positive,
+}
+
+/// MIMIC-specific settings.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MimicOptions {
+    pub uncertain: Uncertain,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Label {
+    Neg,
+    Pos,
+    Unc,
+}
+
+fn parse_label(s: &str) -> Option<Label> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Some(Label::Neg);
+    }
+    let v = s.parse::<f64>().ok()?;
+    if v == 1.0 {
+        Some(Label::Pos)
+    } else if v == 0.0 {
+        Some(Label::Neg)
+    } else if v == -1.0 {
+        Some(Label::Unc)
+    } else {
+        None
+    }
+}
+
+struct Study {
+    subject: String,
+    study: String,
+    split: &'static str,
+    dicom: String,
+    image: PathBuf,
+    description: String,
+    asked: bool,
+}
+
+/// [`prepare_with`] with the default [`MimicOptions`].
+pub fn prepare(source: &Path, out: &Path, opts: &PrepareOptions) -> Result<PrepareSummary> {
+    prepare_with(source, out, opts, &MimicOptions::default())
+}
+
+/// Build the MIMIC-CXR pairs and MCQ sets from `source` into `out` (see the module docs).
+pub fn prepare_with(
+    source: &Path,
+    out: &Path,
+    opts: &PrepareOptions,
+    mimic: &MimicOptions,
+) -> Result<PrepareSummary> {
+    let mut summary = PrepareSummary::new("mimic-cxr");
+    let chex = Table::read(&source.join(CHEXPERT))?;
+    let split_t = Table::read(&source.join(SPLIT))?;
+    let meta = Table::read(&source.join(METADATA))?;
+
+    let (s_study, s_split) = (split_t.col("study_id")?, split_t.col("split")?);
+    split_t.col("dicom_id")?;
+    let mut split_of: HashMap<String, String> = HashMap::new();
+    for (_, rec) in &split_t.rows {
+        split_of
+            .entry(field(rec, s_study).trim().to_string())
+            .or_insert_with(|| field(rec, s_split).trim().to_string());
+    }
+    let (m_dicom, m_study, m_view) = (
+        meta.col("dicom_id")?,
+        meta.col("study_id")?,
+        meta.col("ViewPosition")?,
+    );
+    let mut views: HashMap<String, Vec<(String, String)>> = HashMap::new();
+    for (_, rec) in &meta.rows {
+        views
+            .entry(field(rec, m_study).trim().to_string())
+            .or_default()
+            .push((
+                field(rec, m_dicom).trim().to_string(),
+                field(rec, m_view).trim().to_uppercase(),
+            ));
+    }
+
+    let (c_subject, c_study) = (chex.col("subject_id")?, chex.col("study_id")?);
+    let label_cols = CHEXPERT_COLUMNS
+        .iter()
+        .map(|c| chex.col(c))
+        .collect::<Result<Vec<_>>>()?;
+    let file = chex.file_name();
+    let mut skipped = Vec::new();
+    let mut missing = Vec::new();
+    let mut studies = Vec::new();
+    'rows: for (line, rec) in &chex.rows {
+        let at = format!("{file}:{line}");
+        let subject = field(rec, c_subject).trim().to_string();
+        let study = field(rec, c_study).trim().to_string();
+        let split = match split_of.get(&study).map(String::as_str) {
+            Some("train") => "train",
+            Some("validate") => "val",
+            Some("test") => "test",
+            Some(other) => {
+                skipped.push(Skipped {
+                    source: at,
+                    reason: format!("study s{study}: unknown split {other:?}"),
+                });
+                continue;
+            }
+            None => {
+                skipped.push(Skipped {
+                    source: at,
+                    reason: format!("study s{study} is not in {SPLIT}"),
+                });
+                continue;
+            }
+        };
+        let study_views = views.get(&study).map(Vec::as_slice).unwrap_or(&[]);
+        let frontal = study_views
+            .iter()
+            .find(|(_, v)| v == "PA")
+            .or_else(|| study_views.iter().find(|(_, v)| v == "AP"));
+        let Some((dicom, _)) = frontal else {
+            let seen: Vec<&str> = study_views.iter().map(|(_, v)| v.as_str()).collect();
+            skipped.push(Skipped {
+                source: at,
+                reason: format!(
+                    "study s{study}: no frontal (PA/AP) image (views: [{}])",
+                    seen.join(", ")
+                ),
+            });
+            continue;
+        };
+        let mut labels = Vec::with_capacity(CHEXPERT_COLUMNS.len());
+        for (name, &c) in CHEXPERT_COLUMNS.iter().zip(&label_cols) {
+            match parse_label(field(rec, c)) {
+                Some(l) => labels.push((*name, l)),
+                None => {
+                    skipped.push(Skipped {
+                        source: at,
+                        reason: format!(
+                            "study s{study}: unknown value {:?} in column {name}",
+                            field(rec, c)
+                        ),
+                    });
+                    continue 'rows;
+                }
+            }
+        }
+        let uncertain: Vec<&str> = labels
+            .iter()
+            .filter(|(_, l)| *l == Label::Unc)
+            .map(|(n, _)| *n)
+            .collect();
+        let positive = |l: Label| {
+            l == Label::Pos || (l == Label::Unc && mimic.uncertain == Uncertain::Positive)
+        };
+        let found: Vec<String> = labels
+            .iter()
+            .filter(|(n, l)| FINDINGS.contains(n) && positive(*l))
+            .map(|(n, _)| n.to_lowercase())
+            .collect();
+        let description = if found.is_empty() {
+            NO_FINDING.to_string()
+        } else {
+            found.join(", ")
+        };
+        let excluded = mimic.uncertain == Uncertain::ExcludeFromQuestions && !uncertain.is_empty();
+        let asked = split != "train" && !excluded;
+        if split != "train" && !asked {
+            skipped.push(Skipped {
+                source: at.clone(),
+                reason: format!(
+                    "study s{study}: uncertain {}: pair kept, no question",
+                    uncertain.join(", ")
+                ),
+            });
+        }
+        let prefix: String = subject.chars().take(2).collect();
+        let image = source
+            .join("files")
+            .join(format!("p{prefix}"))
+            .join(format!("p{subject}"))
+            .join(format!("s{study}"))
+            .join(format!("{dicom}.jpg"));
+        if !image.is_file() {
+            missing.push(format!("{at}: {}", image.display()));
+        }
+        studies.push(Study {
+            subject,
+            study,
+            split,
+            dicom: dicom.clone(),
+            image,
+            description,
+            asked,
+        });
+    }
+    if !missing.is_empty() {
+        return Err(Error::Config {
+            path: source.to_path_buf(),
+            key: "files/".into(),
+            reason: format!(
+                "{} study image(s) not found:\n  {}",
+                missing.len(),
+                missing.join("\n  ")
+            ),
+        });
+    }
+
+    let pool: Vec<String> = studies
+        .iter()
+        .map(|s| s.description.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let abs_source = std::path::absolute(source).map_err(|e| Error::io(source, e))?;
+    let image_of = |s: &Study| -> Result<String> {
+        match opts.image_cache {
+            Some(n) => {
+                let dst = out.join("images").join(format!("{}.png", s.dicom));
+                letterbox_file(&s.image, &dst, n)?;
+                Ok(display_path(out, &dst))
+            }
+            None => {
+                let rel = s.image.strip_prefix(source).unwrap_or(&s.image);
+                Ok(abs_source.join(rel).to_string_lossy().into_owned())
+            }
+        }
+    };
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    let mut images = HashMap::new();
+    for s in &studies {
+        let image = image_of(s)?;
+        let pair = PairRecord {
+            image: image.clone(),
+            text: s.description.clone(),
+        };
+        match s.split {
+            "train" => train.push(pair),
+            "val" => val.push(pair),
+            _ => {}
+        }
+        images.insert(s.study.clone(), image);
+    }
+    let mut rng = PyRandom::new(1);
+    let mut items = |split: &str| -> Vec<McqItem> {
+        let mut out = Vec::new();
+        for s in studies.iter().filter(|s| s.split == split && s.asked) {
+            let others: Vec<String> = pool
+                .iter()
+                .filter(|p| **p != s.description)
+                .cloned()
+                .collect();
+            let k = DISTRACTORS.min(others.len());
+            let mut options = vec![s.description.clone()];
+            options.extend(rng.sample(&others, k).expect("k <= len"));
+            rng.shuffle(&mut options);
+            let answer = options.iter().position(|o| *o == s.description).unwrap();
+            out.push(McqItem {
+                id: format!("mimic-cxr-s{}", s.study),
+                image: images[&s.study].clone(),
+                key: KEY.to_string(),
+                options,
+                answer,
+                source: Some(format!(
+                    "mimic-cxr {split} subject p{} study s{} dicom {}",
+                    s.subject, s.study, s.dicom
+                )),
+            });
+        }
+        out
+    };
+    let mcq_val = items("val");
+    let mcq_test = items("test");
+    summary.skipped = skipped;
+    write_outputs(out, &train, &val, &mcq_val, &mcq_test, &mut summary)?;
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_labels() {
+        assert_eq!(parse_label(""), Some(Label::Neg));
+        assert_eq!(parse_label("0.0"), Some(Label::Neg));
+        assert_eq!(parse_label("1.0"), Some(Label::Pos));
+        assert_eq!(parse_label("-1.0"), Some(Label::Unc));
+        assert_eq!(parse_label("2.0"), None);
+        assert_eq!(parse_label("yes"), None);
+    }
+
+    #[test]
+    fn findings_are_the_columns_without_no_finding() {
+        let cols: Vec<&str> = CHEXPERT_COLUMNS
+            .iter()
+            .copied()
+            .filter(|c| *c != "No Finding")
+            .collect();
+        assert_eq!(cols, FINDINGS);
+    }
+}

@@ -1,0 +1,475 @@
+//! WBCAtt (white blood cell attributes): image–description pairs and MCQ sets.
+//!
+//! Source: the released `pbc_attr_v1_{train,val,test}.csv` (columns [`COLUMNS`]; `path` is the image
+//! path relative to the source directory). The protocol is `METHOD.md`, "Image-description pairs and
+//! MCQ sets per benchmark", WBCAtt paragraph:
+//!
+//! * `train.jsonl` = the train file's rows, `val.jsonl` = the val file's rows, each as
+//!   `{"image", "text"}` with the text built by [`description`].
+//! * `mcq_val.jsonl` / `mcq_test.jsonl`: one question per row. ONE generator, `PyRandom::new(0)`,
+//!   walks the val file and then the test file row by row. For each row the keys of
+//!   [`ATTRIBUTE_ORDER`] whose value is not `nil` are listed in that order, the list is shuffled
+//!   (`random.shuffle`) and its first key is asked.
+//! * Options: the fixed list of the key ([`options_for`]), in its fixed order, never shuffled; the
+//!   answer is the index of the row's value in it.
+//!
+//! Reading of "the attribute keys (in the order above)": the order above is the description order,
+//! which ends with `label`, so `label` is one of the shuffled keys and can be asked (its fixed option
+//! list, `[Basophil, Eosinophil, Lymphocyte, Monocyte, Neutrophil]`, only makes sense that way).
+//!
+//! A row whose asked value is not in the key's list is never mapped to an option: the item is left
+//! out and reported in `summary.skipped` as `file:line` (the generator has still consumed that row's
+//! shuffle, so later rows get the reference's keys). Values are compared exactly (no trimming or case
+//! folding), as the reference's list lookup does. Missing columns are an error naming the column;
+//! images referenced by any of the three files but absent are listed together in one error.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use image::imageops::FilterType;
+use image::{ImageFormat, RgbImage};
+
+use super::prepare::{
+    display_path, missing_column, write_outputs, PairRecord, PrepareOptions, PrepareSummary,
+    Skipped,
+};
+use super::pyrandom::PyRandom;
+use crate::error::{Error, Result};
+use crate::eval::mcq::McqItem;
+
+pub const BENCHMARK: &str = "wbcatt";
+
+/// `(split, file name)` of the released files.
+pub const SPLIT_FILES: [(&str, &str); 3] = [
+    ("train", "pbc_attr_v1_train.csv"),
+    ("val", "pbc_attr_v1_val.csv"),
+    ("test", "pbc_attr_v1_test.csv"),
+];
+
+/// Columns every file must have.
+pub const COLUMNS: [&str; 14] = [
+    "img_name",
+    "label",
+    "cell_size",
+    "cell_shape",
+    "nucleus_shape",
+    "nuclear_cytoplasmic_ratio",
+    "chromatin_density",
+    "cytoplasm_vacuole",
+    "cytoplasm_texture",
+    "cytoplasm_colour",
+    "granule_type",
+    "granule_colour",
+    "granularity",
+    "path",
+];
+
+/// Attribute order of the description, and of the key list shuffled for a question.
+pub const ATTRIBUTE_ORDER: [&str; 12] = [
+    "cell_size",
+    "cell_shape",
+    "nucleus_shape",
+    "nuclear_cytoplasmic_ratio",
+    "chromatin_density",
+    "cytoplasm_vacuole",
+    "cytoplasm_texture",
+    "cytoplasm_colour",
+    "granularity",
+    "granule_type",
+    "granule_colour",
+    "label",
+];
+
+/// Seed of the generator that picks the asked attribute (the reference's prepare seed).
+pub const SEED: u64 = 0;
+
+/// The fixed option list of a key, in its fixed order (`METHOD.md`).
+pub fn options_for(key: &str) -> Option<&'static [&'static str]> {
+    Some(match key {
+        "label" => &[
+            "Basophil",
+            "Eosinophil",
+            "Lymphocyte",
+            "Monocyte",
+            "Neutrophil",
+        ],
+        "cell_size" => &["big", "small"],
+        "cell_shape" => &["irregular", "round"],
+        "nucleus_shape" => &[
+            "irregular",
+            "segmented-bilobed",
+            "segmented-multilobed",
+            "unsegmented-band",
+            "unsegmented-indented",
+            "unsegmented-round",
+        ],
+        "nuclear_cytoplasmic_ratio" => &["high", "low"],
+        "chromatin_density" => &["densely", "loosely"],
+        "cytoplasm_vacuole" => &["yes", "no"],
+        "cytoplasm_texture" => &["clear", "frosted"],
+        "cytoplasm_colour" => &["blue", "light blue", "purple blue"],
+        "granule_type" => &["coarse", "round", "small"],
+        "granule_colour" => &["pink", "purple", "red"],
+        "granularity" => &["yes", "no"],
+        _ => return None,
+    })
+}
+
+/// One data row of a split file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    /// 1-based line in the file (the header is line 1).
+    pub line: u64,
+    pub img_name: String,
+    /// Image path relative to the source directory.
+    pub path: String,
+    /// Values in [`ATTRIBUTE_ORDER`].
+    pub values: [String; 12],
+}
+
+impl Row {
+    pub fn value(&self, key: &str) -> Option<&str> {
+        ATTRIBUTE_ORDER
+            .iter()
+            .position(|k| *k == key)
+            .map(|i| self.values[i].as_str())
+    }
+}
+
+/// The training text of a row: attributes in [`ATTRIBUTE_ORDER`]; `nil` or `no` dropped; `yes` ->
+/// the key alone; `label` -> its value alone; otherwise `"{value} {key}"`; keys with underscores as
+/// spaces; joined with `", "`.
+pub fn description(values: &[String; 12]) -> String {
+    let mut parts = Vec::new();
+    for (key, v) in ATTRIBUTE_ORDER.iter().zip(values) {
+        if v == "nil" || v == "no" {
+            continue;
+        }
+        let name = key.replace('_', " ");
+        if v == "yes" {
+            parts.push(name);
+        } else if *key == "label" {
+            parts.push(v.clone());
+        } else {
+            parts.push(format!("{v} {name}"));
+        }
+    }
+    parts.join(", ")
+}
+
+/// The key asked for a row: the non-`nil` keys of [`ATTRIBUTE_ORDER`], shuffled with `rng`, first one.
+/// `None` (consuming nothing, like shuffling an empty list) when every value is `nil`.
+pub fn pick_key(values: &[String; 12], rng: &mut PyRandom) -> Option<&'static str> {
+    let mut keys: Vec<&'static str> = ATTRIBUTE_ORDER
+        .iter()
+        .zip(values)
+        .filter(|(_, v)| *v != "nil")
+        .map(|(k, _)| *k)
+        .collect();
+    rng.shuffle(&mut keys);
+    keys.first().copied()
+}
+
+fn csv_error(path: &Path, e: csv::Error) -> Error {
+    Error::Config {
+        path: path.to_path_buf(),
+        key: "csv".into(),
+        reason: e.to_string(),
+    }
+}
+
+/// Read one split file, checking its columns.
+pub fn read_rows(file: &Path) -> Result<Vec<Row>> {
+    let f = File::open(file).map_err(|e| Error::io(file, e))?;
+    let mut rdr = csv::ReaderBuilder::new().flexible(false).from_reader(f);
+    let headers: Vec<String> = rdr
+        .headers()
+        .map_err(|e| csv_error(file, e))?
+        .iter()
+        .map(str::to_string)
+        .collect();
+    let col = |name: &str| -> Result<usize> {
+        headers
+            .iter()
+            .position(|h| h == name)
+            .ok_or_else(|| missing_column(file, name, &headers))
+    };
+    for c in COLUMNS {
+        col(c)?;
+    }
+    let name_i = col("img_name")?;
+    let path_i = col("path")?;
+    let attr_i: Vec<usize> = ATTRIBUTE_ORDER
+        .iter()
+        .map(|k| col(k))
+        .collect::<Result<_>>()?;
+    let mut rows = Vec::new();
+    for rec in rdr.records() {
+        let rec = rec.map_err(|e| csv_error(file, e))?;
+        let line = rec.position().map(|p| p.line()).unwrap_or(0);
+        let get = |i: usize| rec.get(i).unwrap_or("").to_string();
+        let values: [String; 12] = std::array::from_fn(|j| get(attr_i[j]));
+        rows.push(Row {
+            line,
+            img_name: get(name_i),
+            path: get(path_i),
+            values,
+        });
+    }
+    Ok(rows)
+}
+
+/// A letterboxed `size`×`size` PNG copy of `src` at `out/images/{name}` (aspect kept, black
+/// padding). The format is guessed from the content, not the extension. Returns the written path.
+pub(crate) fn cache_letterboxed(src: &Path, out: &Path, name: &str, size: u32) -> Result<PathBuf> {
+    let img = image::ImageReader::open(src)
+        .map_err(|e| Error::io(src, e))?
+        .with_guessed_format()
+        .map_err(|e| Error::io(src, e))?
+        .decode()
+        .map_err(|e| Error::Image {
+            path: src.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    let fitted = img.resize(size, size, FilterType::Triangle).to_rgb8();
+    let mut canvas = RgbImage::new(size, size);
+    let x = (size - fitted.width().min(size)) / 2;
+    let y = (size - fitted.height().min(size)) / 2;
+    image::imageops::overlay(&mut canvas, &fitted, i64::from(x), i64::from(y));
+    let dest = out.join("images").join(name);
+    if let Some(dir) = dest.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    canvas
+        .save_with_format(&dest, ImageFormat::Png)
+        .map_err(|e| Error::Image {
+            path: dest.clone(),
+            reason: e.to_string(),
+        })?;
+    Ok(dest)
+}
+
+/// Build the MCQ items of one file, consuming `rng` row by row. Rows that cannot be asked (unknown
+/// value for the asked key, every value `nil`) are appended to `skipped` as `file:line`.
+pub fn mcq_items(
+    split: &str,
+    file_name: &str,
+    rows: &[Row],
+    images: &[String],
+    rng: &mut PyRandom,
+    skipped: &mut Vec<Skipped>,
+) -> Vec<McqItem> {
+    let mut items = Vec::new();
+    let mut seen = HashSet::new();
+    for (row, image) in rows.iter().zip(images) {
+        let source = format!("{file_name}:{}", row.line);
+        let Some(key) = pick_key(&row.values, rng) else {
+            skipped.push(Skipped {
+                source,
+                reason: "every attribute is `nil`: nothing to ask".into(),
+            });
+            continue;
+        };
+        let value = row.value(key).unwrap_or("");
+        let options = options_for(key).unwrap_or(&[]);
+        let Some(answer) = options.iter().position(|o| *o == value) else {
+            skipped.push(Skipped {
+                source,
+                reason: format!(
+                    "unknown value {value:?} for `{key}` (options: {}); item left out",
+                    options.join(", ")
+                ),
+            });
+            continue;
+        };
+        let id = if seen.insert(row.img_name.clone()) {
+            row.img_name.clone()
+        } else {
+            format!("{}#{}", row.img_name, row.line)
+        };
+        items.push(McqItem {
+            id,
+            image: image.clone(),
+            key: key.to_string(),
+            options: options.iter().map(|s| s.to_string()).collect(),
+            answer,
+            source: Some(format!("{BENCHMARK} {split} {source}")),
+        });
+    }
+    items
+}
+
+/// Build the WBCAtt pairs and MCQ sets from `source` into `out` (layout in [`super::prepare`]).
+pub fn prepare(source: &Path, out: &Path, opts: &PrepareOptions) -> Result<PrepareSummary> {
+    let source = source.canonicalize().map_err(|e| Error::io(source, e))?;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let out = out.canonicalize().map_err(|e| Error::io(out, e))?;
+
+    let mut splits = Vec::new();
+    let mut missing = Vec::new();
+    for (split, file_name) in SPLIT_FILES {
+        let rows = read_rows(&source.join(file_name))?;
+        for r in &rows {
+            if !source.join(&r.path).is_file() {
+                missing.push(format!("{file_name}:{}: {}", r.line, r.path));
+            }
+        }
+        splits.push((split, file_name, rows));
+    }
+    if !missing.is_empty() {
+        return Err(Error::Config {
+            path: source.clone(),
+            key: "images".into(),
+            reason: format!(
+                "{} referenced image(s) absent: {}",
+                missing.len(),
+                missing.join("; ")
+            ),
+        });
+    }
+
+    // Image paths as written: the source image, or its letterboxed copy.
+    let mut images: Vec<Vec<String>> = Vec::new();
+    for (split, _, rows) in &splits {
+        let mut v = Vec::with_capacity(rows.len());
+        for r in rows {
+            let src = source.join(&r.path);
+            let p = match opts.image_cache {
+                Some(size) => {
+                    let stem = Path::new(&r.path)
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    let name = format!("{BENCHMARK}/{split}/{:06}_{stem}.png", r.line);
+                    cache_letterboxed(&src, &out, &name, size)?
+                }
+                None => src,
+            };
+            v.push(display_path(&out, &p));
+        }
+        images.push(v);
+    }
+
+    let pairs = |i: usize| -> Vec<PairRecord> {
+        splits[i]
+            .2
+            .iter()
+            .zip(&images[i])
+            .map(|(r, img)| PairRecord {
+                image: img.clone(),
+                text: description(&r.values),
+            })
+            .collect()
+    };
+    let train = pairs(0);
+    let val = pairs(1);
+
+    let mut summary = PrepareSummary::new(BENCHMARK);
+    let mut rng = PyRandom::new(SEED);
+    let mcq_val = mcq_items(
+        "val",
+        splits[1].1,
+        &splits[1].2,
+        &images[1],
+        &mut rng,
+        &mut summary.skipped,
+    );
+    let mcq_test = mcq_items(
+        "test",
+        splits[2].1,
+        &splits[2].2,
+        &images[2],
+        &mut rng,
+        &mut summary.skipped,
+    );
+    write_outputs(&out, &train, &val, &mcq_val, &mcq_test, &mut summary)?;
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vals(pairs: &[(&str, &str)]) -> [String; 12] {
+        std::array::from_fn(|i| {
+            let k = ATTRIBUTE_ORDER[i];
+            pairs
+                .iter()
+                .find(|(pk, _)| *pk == k)
+                .map(|(_, v)| v.to_string())
+                .unwrap_or_else(|| "nil".to_string())
+        })
+    }
+
+    #[test]
+    fn description_drops_nil_and_no_and_phrases_yes_and_label() {
+        let v = vals(&[
+            ("cell_size", "big"),
+            ("cytoplasm_vacuole", "yes"),
+            ("granularity", "no"),
+            ("cytoplasm_colour", "light blue"),
+            ("label", "Neutrophil"),
+        ]);
+        assert_eq!(
+            description(&v),
+            "big cell size, cytoplasm vacuole, light blue cytoplasm colour, Neutrophil"
+        );
+    }
+
+    #[test]
+    fn every_attribute_has_a_fixed_option_list() {
+        for k in ATTRIBUTE_ORDER {
+            assert!(options_for(k).is_some(), "{k}");
+        }
+        assert_eq!(
+            options_for("label").unwrap(),
+            &[
+                "Basophil",
+                "Eosinophil",
+                "Lymphocyte",
+                "Monocyte",
+                "Neutrophil"
+            ]
+        );
+        assert_eq!(options_for("cytoplasm_vacuole").unwrap(), &["yes", "no"]);
+        assert!(options_for("path").is_none());
+    }
+
+    #[test]
+    fn pick_key_skips_nil_and_matches_python_shuffle() {
+        // Python: keys = ['cell_size', 'label']; random.Random(0).shuffle(keys) -> keys[0]
+        // randbelow(2) with seed 0 decides; mirror it with a fresh generator.
+        let v = vals(&[("cell_size", "big"), ("label", "Monocyte")]);
+        let mut a = PyRandom::new(0);
+        let mut b = PyRandom::new(0);
+        let mut keys = vec!["cell_size", "label"];
+        b.shuffle(&mut keys);
+        assert_eq!(pick_key(&v, &mut a), Some(keys[0]));
+        let all_nil = vals(&[]);
+        assert_eq!(pick_key(&all_nil, &mut a), None);
+    }
+
+    #[test]
+    fn unknown_value_is_reported_not_mapped() {
+        let row = Row {
+            line: 7,
+            img_name: "x.png".into(),
+            path: "x.png".into(),
+            values: vals(&[("label", "Blast")]),
+        };
+        let mut skipped = Vec::new();
+        let items = mcq_items(
+            "test",
+            "f.csv",
+            &[row],
+            &["x.png".to_string()],
+            &mut PyRandom::new(0),
+            &mut skipped,
+        );
+        assert!(items.is_empty());
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].source, "f.csv:7");
+        assert!(skipped[0].reason.contains("Blast"), "{}", skipped[0].reason);
+    }
+}

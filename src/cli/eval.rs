@@ -1,0 +1,213 @@
+//! `lvlm-ift eval`: multiple-choice VQA evaluation on a prepared benchmark.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+
+use super::common::ModelArgs;
+use crate::eval::mcq::read_items;
+use crate::eval::run::{evaluate, find_adapter_dirs, EvalOptions, Scoring};
+use crate::train::checkpoint::write_atomic;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum BenchmarkArg {
+    Wbcatt,
+    Cbis,
+    Skincon,
+    #[value(name = "mimic-cxr")]
+    MimicCxr,
+}
+
+impl BenchmarkArg {
+    fn name(self) -> &'static str {
+        match self {
+            BenchmarkArg::Wbcatt => "wbcatt",
+            BenchmarkArg::Cbis => "cbis",
+            BenchmarkArg::Skincon => "skincon",
+            BenchmarkArg::MimicCxr => "mimic-cxr",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SplitArg {
+    Val,
+    Test,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ScoringArg {
+    /// Greedy generation (max 50 new tokens), strict parse (the metric) and lenient parse.
+    Generate,
+    /// Argmax over options of log P("The correct answer is X." | prompt).
+    Likelihood,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Outputs in --out: predictions.jsonl (one prediction per item), report.json \
+(accuracy overall and per key with 95% Wilson intervals, majority-class and uniform baselines) and \
+confusion-<key>.png.\n\n--checkpoints RUN_DIR evaluates every PEFT adapter directory (one holding \
+adapter_config.json) found recursively under RUN_DIR, each into OUT/<its path relative to RUN_DIR>/, and \
+writes OUT/checkpoints.json. Limitation: training checkpoints that hold only trainable.safetensors \
+(not a PEFT adapter directory) are not found; export or merge them first."
+)]
+pub struct EvalArgs {
+    /// Which benchmark the items come from (recorded in the report).
+    #[arg(long, value_enum)]
+    benchmark: BenchmarkArg,
+    /// Directory `prepare` wrote (holds mcq_val.jsonl / mcq_test.jsonl; relative image paths are
+    /// resolved against it).
+    #[arg(long)]
+    data: PathBuf,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, value_enum, default_value = "test")]
+    split: SplitArg,
+    #[arg(long, value_enum, default_value = "generate")]
+    scoring: ScoringArg,
+    /// Evaluate only the first N items.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Output directory [default: DATA/eval-<split>-<scoring>].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Keep the predictions already in OUT/predictions.jsonl and evaluate only the missing items.
+    #[arg(long)]
+    resume: bool,
+    /// Evaluate every PEFT adapter directory under RUN_DIR (see below); conflicts with --adapter.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with = "adapter")]
+    checkpoints: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+fn split_name(s: SplitArg) -> &'static str {
+    match s {
+        SplitArg::Val => "val",
+        SplitArg::Test => "test",
+    }
+}
+
+pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    let split = split_name(args.split);
+    let scoring = match args.scoring {
+        ScoringArg::Generate => Scoring::Generate,
+        ScoringArg::Likelihood => Scoring::Likelihood,
+    };
+    let items_file = args.data.join(format!("mcq_{split}.jsonl"));
+    let mut items = read_items(&items_file)
+        .with_context(|| format!("reading MCQ items {}", items_file.display()))?;
+    if let Some(n) = args.limit {
+        items.truncate(n);
+    }
+    if items.is_empty() {
+        bail!("no items to evaluate (--limit 0?)");
+    }
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| args.data.join(format!("eval-{split}-{}", scoring.name())));
+    let opts = |adapter: Option<&Path>| EvalOptions {
+        benchmark: args.benchmark.name().to_string(),
+        split: split.to_string(),
+        scoring,
+        model: args.model.model.clone(),
+        adapter: adapter.map(|a| a.display().to_string()),
+        resume: args.resume,
+        quiet: args.quiet,
+    };
+
+    let Some(run_dir) = &args.checkpoints else {
+        let session = args.model.load()?;
+        let report = evaluate(
+            &session,
+            &items,
+            &items_file,
+            &args.data,
+            &out,
+            &opts(args.model.adapter.as_deref()),
+        )?;
+        print_summary(&report, &out);
+        return Ok(());
+    };
+
+    let dirs = find_adapter_dirs(run_dir)?;
+    if dirs.is_empty() {
+        bail!(
+            "no PEFT adapter directory (adapter_config.json) under {}; training checkpoints holding \
+             only trainable.safetensors are not supported by --checkpoints",
+            run_dir.display()
+        );
+    }
+    let mut summary = Vec::new();
+    for dir in &dirs {
+        let rel = dir.strip_prefix(run_dir).unwrap_or(dir);
+        let sub = out.join(rel);
+        let model = ModelArgs {
+            model: args.model.model.clone(),
+            dtype: args.model.dtype,
+            device: args.model.device.clone(),
+            image_aspect: args.model.image_aspect,
+            adapter: Some(dir.clone()),
+        };
+        let session = model.load()?;
+        let report = evaluate(
+            &session,
+            &items,
+            &items_file,
+            &args.data,
+            &sub,
+            &opts(Some(dir)),
+        )
+        .with_context(|| format!("evaluating adapter {}", dir.display()))?;
+        print_summary(&report, &sub);
+        summary.push(serde_json::json!({
+            "checkpoint": rel.display().to_string(),
+            "adapter": dir.display().to_string(),
+            "out": sub.display().to_string(),
+            "n_items": report.overall.n_items,
+            "accuracy": report.overall.accuracy,
+            "lenient_accuracy": report.overall.lenient_accuracy,
+        }));
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let json = serde_json::to_vec_pretty(&serde_json::json!({
+        "benchmark": args.benchmark.name(),
+        "split": split,
+        "scoring": scoring.name(),
+        "model": args.model.model,
+        "run_dir": run_dir.display().to_string(),
+        "checkpoints": summary,
+    }))?;
+    write_atomic(&out.join("checkpoints.json"), &json)?;
+    println!("wrote {}", out.join("checkpoints.json").display());
+    Ok(())
+}
+
+fn print_summary(r: &crate::eval::report::Report, out: &Path) {
+    let a = &r.overall.accuracy;
+    print!(
+        "{} {} {}: accuracy {:.4} [{:.4}, {:.4}] ({}/{})",
+        r.benchmark,
+        r.split,
+        r.scoring.name(),
+        a.accuracy,
+        a.ci95_low,
+        a.ci95_high,
+        a.correct,
+        a.n
+    );
+    if let Some(l) = &r.overall.lenient_accuracy {
+        print!(", lenient {:.4}", l.accuracy);
+    }
+    println!(
+        "; majority {:.4}, uniform {:.4}; {:.2} items/s; {}",
+        r.overall.majority_baseline,
+        r.overall.uniform_baseline,
+        r.items_per_sec,
+        out.display()
+    );
+}

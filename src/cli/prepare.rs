@@ -1,0 +1,96 @@
+//! `lvlm-ift prepare --benchmark B --source DIR --out DIR [--image-cache PX]`: turn a benchmark's
+//! released label files into training pairs and MCQ sets (layout: `crate::bench::prepare`).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+
+use crate::bench::prepare::{PrepareOptions, PrepareSummary};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Benchmark {
+    Wbcatt,
+    Cbis,
+    Skincon,
+    MimicCxr,
+}
+
+#[derive(Debug, Args)]
+pub struct PrepareArgs {
+    /// Which benchmark's released files `--source` holds.
+    #[arg(long, value_enum)]
+    benchmark: Benchmark,
+    /// Directory with the released label files (and images).
+    #[arg(long)]
+    source: PathBuf,
+    /// Output directory: train.jsonl, val.jsonl, mcq_val.jsonl, mcq_test.jsonl, summary.json.
+    #[arg(long)]
+    out: PathBuf,
+    /// Also write letterboxed PX×PX copies of the images to OUT/images/ and point the outputs at
+    /// them (METHOD uses 560).
+    #[arg(long, value_name = "PX", value_parser = clap::value_parser!(u32).range(1..=8192))]
+    image_cache: Option<u32>,
+}
+
+pub fn run(args: PrepareArgs) -> anyhow::Result<()> {
+    let opts = PrepareOptions {
+        image_cache: args.image_cache,
+    };
+    let start = Instant::now();
+    let (src, out) = (args.source.as_path(), args.out.as_path());
+    let summary = match args.benchmark {
+        Benchmark::Cbis => crate::bench::cbis::prepare(src, out, &opts),
+        Benchmark::MimicCxr => crate::bench::mimic_cxr::prepare(src, out, &opts),
+        Benchmark::Wbcatt => crate::bench::wbcatt::prepare(src, out, &opts),
+        Benchmark::Skincon => crate::bench::skincon::prepare(src, out, &opts),
+    }
+    .with_context(|| {
+        format!(
+            "preparing {:?} from {} into {}",
+            args.benchmark,
+            src.display(),
+            out.display()
+        )
+    })?;
+    eprint!("{}", render(&summary));
+    eprintln!(
+        "wrote {} in {:.2}s",
+        out.display(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The summary as printed: pairs and items per split, items per key, option-count histogram,
+/// skipped rows (first 20 listed).
+pub fn render(s: &PrepareSummary) -> String {
+    let mut o = format!("benchmark {}\n", s.benchmark);
+    for (split, n) in &s.pairs {
+        o.push_str(&format!("  pairs {split}: {n}\n"));
+    }
+    for (split, n) in &s.items {
+        o.push_str(&format!("  mcq {split}: {n} item(s)\n"));
+        if let Some(keys) = s.items_per_key.get(split) {
+            for (k, c) in keys {
+                o.push_str(&format!("    {k}: {c}\n"));
+            }
+        }
+        if let Some(h) = s.option_counts.get(split) {
+            let hist: Vec<String> = h.iter().map(|(k, c)| format!("{k} options x{c}")).collect();
+            o.push_str(&format!("    {}\n", hist.join(", ")));
+        }
+    }
+    o.push_str(&format!("  skipped: {}\n", s.skipped.len()));
+    for sk in s.skipped.iter().take(20) {
+        o.push_str(&format!("    {}: {}\n", sk.source, sk.reason));
+    }
+    if s.skipped.len() > 20 {
+        o.push_str(&format!(
+            "    ... {} more in summary.json\n",
+            s.skipped.len() - 20
+        ));
+    }
+    o
+}

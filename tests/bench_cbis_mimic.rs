@@ -1,0 +1,309 @@
+//! CBIS-DDSM and MIMIC-CXR `prepare` against item lists computed by a plain Python implementation
+//! with Python's `random` (`scripts/make_bench_fixtures_cbis_mimic.py`).
+
+use std::path::{Path, PathBuf};
+
+use lvlm_ift::bench::prepare::{
+    PrepareOptions, MCQ_TEST, MCQ_VAL, SUMMARY, TRAIN_PAIRS, VAL_PAIRS,
+};
+use lvlm_ift::bench::{cbis, mimic_cxr};
+use serde_json::Value;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/bench")
+        .join(name)
+}
+
+fn read_jsonl(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Compare a prepared file with the expected one: every field of the expected rows, with the expected
+/// image path (relative to the source dir) mapped through `image`.
+fn compare(actual: &Path, expected: &Path, image: &dyn Fn(&str) -> String) {
+    let (a, e) = (read_jsonl(actual), read_jsonl(expected));
+    assert_eq!(a.len(), e.len(), "{}: row count", actual.display());
+    for (i, (a, e)) in a.iter().zip(&e).enumerate() {
+        for (k, ev) in e.as_object().unwrap() {
+            let av = &a[k];
+            if k == "image" {
+                assert_eq!(
+                    av.as_str().unwrap(),
+                    image(ev.as_str().unwrap()),
+                    "{} row {i}",
+                    actual.display()
+                );
+            } else {
+                assert_eq!(av, ev, "{} row {i} field {k}", actual.display());
+            }
+        }
+    }
+}
+
+fn abs_image(src: &Path) -> impl Fn(&str) -> String {
+    let abs = std::path::absolute(src).unwrap();
+    move |rel: &str| abs.join(rel).to_string_lossy().into_owned()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dst = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &dst);
+        } else {
+            std::fs::copy(entry.path(), &dst).unwrap();
+        }
+    }
+}
+
+#[test]
+fn cbis_matches_python_items() {
+    let base = fixture("cbis");
+    let src = base.join("source");
+    let out = tempfile::tempdir().unwrap();
+    let summary = cbis::prepare(&src, out.path(), &PrepareOptions::default()).unwrap();
+    let img = abs_image(&src);
+    for (file, exp) in [
+        (TRAIN_PAIRS, "expected_train.jsonl"),
+        (VAL_PAIRS, "expected_val.jsonl"),
+        (MCQ_VAL, "expected_mcq_val.jsonl"),
+        (MCQ_TEST, "expected_mcq_test.jsonl"),
+    ] {
+        compare(&out.path().join(file), &base.join(exp), &img);
+    }
+    // Split sizes: 2 of the 21 training patients are val; one of them only has an unknown pathology.
+    assert_eq!(summary.pairs["train"], 21);
+    assert_eq!(summary.pairs["val"], 1);
+    assert_eq!(summary.items["val"], 4);
+    assert_eq!(summary.items["test"], 26);
+    assert!(out.path().join(SUMMARY).is_file());
+
+    // Lesion keys have 5 options, fixed keys 2, and only whitelisted values are asked.
+    let test = read_jsonl(&out.path().join(MCQ_TEST));
+    for it in &test {
+        let key = it["key"].as_str().unwrap();
+        let opts: Vec<&str> = it["options"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o.as_str().unwrap())
+            .collect();
+        match cbis::whitelist(key) {
+            Some(list) => {
+                assert_eq!(opts.len(), 5, "{it}");
+                assert!(opts.iter().all(|o| list.contains(o)), "{it}");
+            }
+            None => assert_eq!(opts.len(), 2, "{it}"),
+        }
+    }
+    // `LOBULATED-IRREGULAR` (mass test row 3) is not asked; `fine linear branching` with a missing
+    // distribution (calc test row 3) gets no distribution question; pathology `UNSURE` (calc test row 4)
+    // is left out.
+    let ids: Vec<&str> = test.iter().map(|i| i["id"].as_str().unwrap()).collect();
+    assert!(!ids.contains(&"mass_case_description_test_set-3-mass_shape"));
+    assert!(ids.contains(&"mass_case_description_test_set-3-mass_margins"));
+    assert!(ids.contains(&"calc_case_description_test_set-3-calc_type"));
+    assert!(!ids.contains(&"calc_case_description_test_set-3-calc_distribution"));
+    assert!(!ids
+        .iter()
+        .any(|i| i.starts_with("calc_case_description_test_set-4-")));
+    let reasons: Vec<String> = summary
+        .skipped
+        .iter()
+        .map(|s| format!("{} {}", s.source, s.reason))
+        .collect();
+    for needle in [
+        "unknown pathology \"UNKNOWN\"",
+        "unknown pathology \"UNSURE\"",
+        "\"irregular-architectural distortion\" not in the whitelist",
+        "\"lobulated-irregular\" not in the whitelist",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r.contains(needle)),
+            "{needle}: {reasons:?}"
+        );
+    }
+    // BENIGN_WITHOUT_CALLBACK -> benign, `_` -> space, the dicom_info.csv crop.
+    let train = read_jsonl(&out.path().join(TRAIN_PAIRS));
+    let texts: Vec<&str> = train.iter().map(|p| p["text"].as_str().unwrap()).collect();
+    assert!(texts.contains(&"lobulated mass shape, ill defined mass margins, mass, benign"));
+    assert!(texts.contains(&"lucent center calc type, calcification, benign"));
+    assert!(train
+        .iter()
+        .any(|p| p["image"].as_str().unwrap().ends_with(".jpg")));
+}
+
+#[test]
+fn cbis_image_cache_letterboxes() {
+    let src = fixture("cbis").join("source");
+    let out = tempfile::tempdir().unwrap();
+    let opts = PrepareOptions {
+        image_cache: Some(56),
+    };
+    cbis::prepare(&src, out.path(), &opts).unwrap();
+    let test = read_jsonl(&out.path().join(MCQ_TEST));
+    let first = test[0]["image"].as_str().unwrap();
+    assert_eq!(first, "images/mass_case_description_test_set-1.png");
+    let img = image::open(out.path().join(first)).unwrap();
+    assert_eq!((img.width(), img.height()), (56, 56));
+    // Letterboxed: the 18x5 crop leaves black padding above and below.
+    assert_eq!(img.to_luma8().get_pixel(0, 0)[0], 0);
+    assert_ne!(img.to_luma8().get_pixel(28, 28)[0], 0);
+    let n = std::fs::read_dir(out.path().join("images"))
+        .unwrap()
+        .count();
+    assert_eq!(n, 21 + 1 + 7);
+}
+
+#[test]
+fn cbis_missing_images_are_one_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    copy_dir(&fixture("cbis").join("source"), &src);
+    let roi = src.join("roi");
+    let mut removed = Vec::new();
+    for name in [
+        "Mass-Test_P_00016_LEFT_CC_1.png",
+        "Calc-Training_P_00005_LEFT_CC_1.png",
+    ] {
+        std::fs::remove_file(roi.join(name)).unwrap();
+        removed.push(name);
+    }
+    let err = cbis::prepare(&src, &tmp.path().join("out"), &PrepareOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("2 ROI image(s) not found"), "{err}");
+    for name in removed {
+        assert!(err.contains(name), "{err}");
+    }
+}
+
+#[test]
+fn cbis_dicom_input_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    copy_dir(&fixture("cbis").join("source"), &src);
+    std::fs::remove_file(src.join("dicom_info.csv")).unwrap();
+    let csv = std::fs::read_to_string(src.join(cbis::MASS_TRAIN)).unwrap();
+    let dcm = csv
+        .split(['\n', ',', '"'])
+        .find(|f| f.ends_with("000000.dcm") && f.contains("_CC_5_1/"))
+        .unwrap()
+        .to_string();
+    std::fs::create_dir_all(src.join(&dcm).parent().unwrap()).unwrap();
+    std::fs::write(src.join(&dcm), b"DICM").unwrap();
+    let err = cbis::prepare(&src, &tmp.path().join("out"), &PrepareOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("convert") && err.contains("PNG first"),
+        "{err}"
+    );
+    assert!(err.contains("000000.dcm"), "{err}");
+}
+
+#[test]
+fn cbis_missing_column_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    copy_dir(&fixture("cbis").join("source"), &src);
+    let p = src.join(cbis::CALC_TEST);
+    let csv = std::fs::read_to_string(&p)
+        .unwrap()
+        .replacen("calc distribution", "calc_distrib", 1);
+    std::fs::write(&p, csv).unwrap();
+    let err = cbis::prepare(&src, &tmp.path().join("out"), &PrepareOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("calc distribution"), "{err}");
+    assert!(err.contains(cbis::CALC_TEST), "{err}");
+}
+
+#[test]
+fn mimic_matches_python_items() {
+    let base = fixture("mimic-cxr");
+    let src = base.join("source");
+    let out = tempfile::tempdir().unwrap();
+    let summary = mimic_cxr::prepare(&src, out.path(), &PrepareOptions::default()).unwrap();
+    let img = abs_image(&src);
+    for (file, exp) in [
+        (TRAIN_PAIRS, "expected_train.jsonl"),
+        (VAL_PAIRS, "expected_val.jsonl"),
+        (MCQ_VAL, "expected_mcq_val.jsonl"),
+        (MCQ_TEST, "expected_mcq_test.jsonl"),
+    ] {
+        compare(&out.path().join(file), &base.join(exp), &img);
+    }
+    assert_eq!(summary.pairs["train"], 5);
+    assert_eq!(summary.pairs["val"], 4);
+    assert_eq!(summary.items["val"], 3);
+    assert_eq!(summary.items["test"], 4);
+    assert_eq!(summary.option_counts["test"][&5], 4);
+    let reasons: Vec<&str> = summary.skipped.iter().map(|s| s.reason.as_str()).collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("s51178377: no frontal")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("s59258269: no frontal")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("s58224503 is not in")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("s51065211: uncertain Pneumonia")),
+        "{reasons:?}"
+    );
+    // No-finding study, AP-only, PA preferred over an earlier AP.
+    let val = read_jsonl(&out.path().join(VAL_PAIRS));
+    assert!(val.iter().any(|p| p["text"] == "no finding"));
+    let train = read_jsonl(&out.path().join(TRAIN_PAIRS));
+    assert!(train
+        .iter()
+        .any(|p| p["image"].as_str().unwrap().ends_with("s57375967/d06.jpg")));
+}
+
+#[test]
+fn mimic_uncertain_as_negative_asks_every_study() {
+    let src = fixture("mimic-cxr").join("source");
+    let out = tempfile::tempdir().unwrap();
+    let opts = PrepareOptions {
+        image_cache: Some(16),
+    };
+    let m = mimic_cxr::MimicOptions {
+        uncertain: mimic_cxr::Uncertain::Negative,
+    };
+    let summary = mimic_cxr::prepare_with(&src, out.path(), &opts, &m).unwrap();
+    assert_eq!(summary.items["val"], 4);
+    let val = read_jsonl(&out.path().join(MCQ_VAL));
+    let img = val[0]["image"].as_str().unwrap();
+    assert!(img.starts_with("images/"), "{img}");
+    let im = image::open(out.path().join(img)).unwrap();
+    assert_eq!((im.width(), im.height()), (16, 16));
+}
+
+#[test]
+fn mimic_missing_image_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    copy_dir(&fixture("mimic-cxr").join("source"), &src);
+    std::fs::remove_file(src.join("files/p12/p12003026/s50133627/d18.jpg")).unwrap();
+    let err = mimic_cxr::prepare(&src, &tmp.path().join("out"), &PrepareOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("1 study image(s) not found") && err.contains("d18.jpg"),
+        "{err}"
+    );
+}
