@@ -281,33 +281,50 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
 /// Precomputed rotary tables (non-interleaved halves, HF `rotate_half` convention).
 #[derive(Debug, Clone)]
 pub struct Rope {
+    inv_freq: Vec<f64>,
     /// `[max_pos, head_dim]`: the half-size frequency table repeated twice.
     cos: Tensor,
     sin: Tensor,
 }
 
+/// cos/sin tables for positions `0..n` (computed in f32 like HF: its inv_freq and positions are f32).
+fn rope_tables(
+    inv_freq: &[f64],
+    n: usize,
+    device: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = inv_freq.len();
+    let mut cos = Vec::with_capacity(n * half * 2);
+    let mut sin = Vec::with_capacity(n * half * 2);
+    for p in 0..n {
+        let row: Vec<f32> = inv_freq.iter().map(|f| (p as f32) * (*f as f32)).collect();
+        for _ in 0..2 {
+            cos.extend(row.iter().map(|a| a.cos()));
+            sin.extend(row.iter().map(|a| a.sin()));
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (n, half * 2), device)?,
+        Tensor::from_vec(sin, (n, half * 2), device)?,
+    ))
+}
+
 impl Rope {
-    /// `inv_freq` holds head_dim/2 inverse frequencies (already adjusted for the scaling rule).
+    /// `inv_freq` holds head_dim/2 inverse frequencies (already adjusted for the scaling rule);
+    /// tables are precomputed for `max_pos` positions and extended on demand past them, as HF
+    /// computes rotary embeddings for any position.
     pub fn new(
         inv_freq: &[f64],
         max_pos: usize,
         dtype: DType,
         device: &candle_core::Device,
     ) -> Result<Self> {
-        let half = inv_freq.len();
-        let mut cos = Vec::with_capacity(max_pos * half * 2);
-        let mut sin = Vec::with_capacity(max_pos * half * 2);
-        for p in 0..max_pos {
-            // Computed in f32 like HF (inv_freq and positions are f32 there).
-            let row: Vec<f32> = inv_freq.iter().map(|f| (p as f32) * (*f as f32)).collect();
-            for _ in 0..2 {
-                cos.extend(row.iter().map(|a| a.cos()));
-                sin.extend(row.iter().map(|a| a.sin()));
-            }
-        }
-        let cos = Tensor::from_vec(cos, (max_pos, half * 2), device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, (max_pos, half * 2), device)?.to_dtype(dtype)?;
-        Ok(Self { cos, sin })
+        let (cos, sin) = rope_tables(inv_freq, max_pos, device)?;
+        Ok(Self {
+            inv_freq: inv_freq.to_vec(),
+            cos: cos.to_dtype(dtype)?,
+            sin: sin.to_dtype(dtype)?,
+        })
     }
 
     pub fn max_positions(&self) -> usize {
@@ -318,13 +335,20 @@ impl Rope {
     pub fn apply(&self, x: &Tensor, positions: &Tensor) -> candle_core::Result<Tensor> {
         let (b, _h, s, d) = x.dims4()?;
         let flat = positions.flatten_all()?;
-        let cos = self
-            .cos
+        let needed = flat.max(0)?.to_scalar::<u32>()? as usize + 1;
+        let extended;
+        let (cos_table, sin_table) = if needed > self.max_positions() {
+            extended = rope_tables(&self.inv_freq, needed, x.device())
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            (&extended.0, &extended.1)
+        } else {
+            (&self.cos, &self.sin)
+        };
+        let cos = cos_table
             .index_select(&flat, 0)?
             .reshape((b, 1, s, d))?
             .to_dtype(x.dtype())?;
-        let sin = self
-            .sin
+        let sin = sin_table
             .index_select(&flat, 0)?
             .reshape((b, 1, s, d))?
             .to_dtype(x.dtype())?;

@@ -229,13 +229,6 @@ impl LlamaForCausalLm {
         mut cache: Option<&mut KvCache>,
     ) -> candle_core::Result<Tensor> {
         let (_, s, _) = embeds.dims3()?;
-        let max = positions.max_all()?.to_scalar::<u32>()? as usize;
-        if max >= self.rope.max_positions() {
-            candle_core::bail!(
-                "position {max} exceeds max_position_embeddings {}",
-                self.rope.max_positions()
-            );
-        }
         let mut x = embeds.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
