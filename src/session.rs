@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
+use std::collections::HashMap;
+
 use crate::adapter::read_adapter;
 use crate::data::image::load_rgb;
 use crate::data::processor::{AspectMode, ClipImageProcessor, ClipProcessorConfig};
@@ -16,6 +18,7 @@ use crate::model::generate::{continuation_logprobs, greedy};
 use crate::model::llava::{LlavaModel, LoadOptions};
 use crate::model::lora::LoraFactory;
 use crate::model::VisionLanguageModel;
+use crate::train::checkpoint::load_safetensors;
 
 /// How the prompt text is turned into tokens.
 #[derive(Debug, Clone)]
@@ -34,6 +37,9 @@ pub struct SessionOptions {
     pub aspect: AspectMode,
     /// A PEFT LoRA adapter directory applied on top of the base weights.
     pub adapter: Option<PathBuf>,
+    /// Fully trained weights replacing the base ones (a run's `full_weights.safetensors`, or a
+    /// checkpoint's `trainable.safetensors`, whose LoRA and proxy tensors are skipped here).
+    pub full_weights: Option<PathBuf>,
 }
 
 impl Default for SessionOptions {
@@ -43,6 +49,7 @@ impl Default for SessionOptions {
             dtype: DType::F32,
             aspect: AspectMode::Resize,
             adapter: None,
+            full_weights: None,
         }
     }
 }
@@ -74,6 +81,14 @@ pub struct GenerateOutput {
     pub token_ids: Vec<u32>,
 }
 
+/// Drop LoRA and proxy tensors from a trainable-weights file, keeping base-weight replacements.
+fn base_weights_only(mut tensors: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    tensors.retain(|name, _| {
+        !(name.ends_with(".lora_A.weight") || name.ends_with(".lora_B.weight") || name == "proxy")
+    });
+    tensors
+}
+
 impl Session {
     /// `model`: a local directory or a Hub repo id.
     pub fn load(model: &str, opts: SessionOptions) -> Result<Self> {
@@ -92,7 +107,10 @@ impl Session {
                 dtype: opts.dtype,
                 trainable: None,
                 lora,
-                overrides: Default::default(),
+                overrides: match &opts.full_weights {
+                    Some(f) => base_weights_only(load_safetensors(f, &opts.device)?),
+                    None => Default::default(),
+                },
             },
         )?;
         let processor =

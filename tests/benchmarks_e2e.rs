@@ -75,3 +75,82 @@ fn prepare_then_eval_every_benchmark_on_the_tiny_checkpoint() {
         }
     }
 }
+
+/// The reference evaluates every epoch's checkpoint: `eval --checkpoints RUN_DIR` scores each
+/// checkpoint (LoRA adapter + fully trained projector) and the final outputs in one command.
+#[test]
+fn eval_scores_every_training_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    lvlm(&[
+        "train",
+        "--config",
+        s(&repo().join("tests/fixtures/recipes/lora.toml")),
+        "--quiet",
+        "--set",
+        &format!("train.output_dir={}", run.display()),
+        "--set",
+        &format!(
+            "model.path={}",
+            repo().join("tests/fixtures/tiny-llava").display()
+        ),
+        "--set",
+        &format!(
+            "data.train=[{{ manifest = \"{}\" }}]",
+            repo().join("tests/fixtures/pairs/pairs.jsonl").display()
+        ),
+    ]);
+    let data = tmp.path().join("data");
+    lvlm(&[
+        "prepare",
+        "--benchmark",
+        "wbcatt",
+        "--source",
+        s(&repo().join("tests/fixtures/bench/wbcatt")),
+        "--out",
+        s(&data),
+    ]);
+    let out = tmp.path().join("evals");
+    lvlm(&[
+        "eval",
+        "--benchmark",
+        "wbcatt",
+        "--data",
+        s(&data),
+        "--model",
+        s(&repo().join("tests/fixtures/tiny-llava")),
+        "--scoring",
+        "likelihood",
+        "--limit",
+        "2",
+        "--checkpoints",
+        s(&run),
+        "--out",
+        s(&out),
+        "--quiet",
+    ]);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("checkpoints.json")).unwrap())
+            .unwrap();
+    let names: Vec<String> = summary["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["checkpoint"].as_str().unwrap().to_string())
+        .collect();
+    // Two epochs of 3 steps: a checkpoint at each epoch end, plus the run's final outputs.
+    assert_eq!(
+        names,
+        vec!["", "checkpoints/checkpoint-3", "checkpoints/checkpoint-6"],
+        "{summary}"
+    );
+    for c in summary["checkpoints"].as_array().unwrap() {
+        assert!(
+            c["adapter"].is_string() && c["full_weights"].is_string(),
+            "{c}"
+        );
+    }
+    // The last checkpoint and the final outputs hold the same weights: same scores.
+    let preds = |dir: &Path| std::fs::read_to_string(dir.join("predictions.jsonl")).unwrap();
+    assert_eq!(preds(&out), preds(&out.join("checkpoints/checkpoint-6")));
+}

@@ -41,6 +41,10 @@ pub struct ModelArgs {
     /// PEFT LoRA adapter directory to apply (adapter_config.json + adapter_model.safetensors).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// Fully trained weights to use instead of the base ones (`full_weights.safetensors` of a
+    /// run, or `trainable.safetensors` of a checkpoint).
+    #[arg(long)]
+    pub full_weights: Option<PathBuf>,
 }
 
 impl ModelArgs {
@@ -57,6 +61,7 @@ impl ModelArgs {
                 AspectArg::Pad => AspectMode::Pad,
             },
             adapter: self.adapter.clone(),
+            full_weights: self.full_weights.clone(),
         };
         Session::load(&self.model, opts).with_context(|| format!("loading model {}", self.model))
     }

@@ -7,7 +7,7 @@ use clap::{Args, ValueEnum};
 
 use super::common::ModelArgs;
 use crate::eval::mcq::read_items;
-use crate::eval::run::{evaluate, find_adapter_dirs, EvalOptions, Scoring};
+use crate::eval::run::{evaluate, find_model_states, EvalOptions, Scoring};
 use crate::train::checkpoint::write_atomic;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -48,10 +48,10 @@ pub enum ScoringArg {
 #[command(
     after_help = "Outputs in --out: predictions.jsonl (one prediction per item), report.json \
 (accuracy overall and per key with 95% Wilson intervals, majority-class and uniform baselines) and \
-confusion-<key>.png.\n\n--checkpoints RUN_DIR evaluates every PEFT adapter directory (one holding \
-adapter_config.json) found recursively under RUN_DIR, each into OUT/<its path relative to RUN_DIR>/, and \
-writes OUT/checkpoints.json. Limitation: training checkpoints that hold only trainable.safetensors \
-(not a PEFT adapter directory) are not found; export or merge them first."
+confusion-<key>.png.\n\n--checkpoints RUN_DIR evaluates every trained state found recursively under \
+RUN_DIR — each training checkpoint (checkpoints/checkpoint-N: its adapter/ and trainable.safetensors) and \
+each stage's final outputs (adapter/, full_weights.safetensors) — each into OUT/<its path relative to \
+RUN_DIR>/, and writes OUT/checkpoints.json: the reference's \"evaluate every epoch\" in one command."
 )]
 pub struct EvalArgs {
     /// Which benchmark the items come from (recorded in the report).
@@ -76,8 +76,8 @@ pub struct EvalArgs {
     /// Keep the predictions already in OUT/predictions.jsonl and evaluate only the missing items.
     #[arg(long)]
     resume: bool,
-    /// Evaluate every PEFT adapter directory under RUN_DIR (see below); conflicts with --adapter.
-    #[arg(long, value_name = "RUN_DIR", conflicts_with = "adapter")]
+    /// Evaluate every checkpoint and stage output under RUN_DIR (see below); conflicts with --adapter.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["adapter", "full_weights"])]
     checkpoints: Option<PathBuf>,
     /// No progress bar.
     #[arg(long, short)]
@@ -134,16 +134,16 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         return Ok(());
     };
 
-    let dirs = find_adapter_dirs(run_dir)?;
-    if dirs.is_empty() {
+    let states = find_model_states(run_dir)?;
+    if states.is_empty() {
         bail!(
-            "no PEFT adapter directory (adapter_config.json) under {}; training checkpoints holding \
-             only trainable.safetensors are not supported by --checkpoints",
+            "no trained state (adapter/, full_weights.safetensors or trainable.safetensors) under {}",
             run_dir.display()
         );
     }
     let mut summary = Vec::new();
-    for dir in &dirs {
+    for state in &states {
+        let dir = &state.dir;
         let rel = dir.strip_prefix(run_dir).unwrap_or(dir);
         let sub = out.join(rel);
         let model = ModelArgs {
@@ -151,7 +151,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             dtype: args.model.dtype,
             device: args.model.device.clone(),
             image_aspect: args.model.image_aspect,
-            adapter: Some(dir.clone()),
+            adapter: state.adapter.clone(),
+            full_weights: state.full_weights.clone(),
         };
         let session = model.load()?;
         let report = evaluate(
@@ -160,13 +161,14 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             &items_file,
             &args.data,
             &sub,
-            &opts(Some(dir)),
+            &opts(state.adapter.as_deref()),
         )
-        .with_context(|| format!("evaluating adapter {}", dir.display()))?;
+        .with_context(|| format!("evaluating {}", dir.display()))?;
         print_summary(&report, &sub);
         summary.push(serde_json::json!({
             "checkpoint": rel.display().to_string(),
-            "adapter": dir.display().to_string(),
+            "adapter": state.adapter.as_ref().map(|a| a.display().to_string()),
+            "full_weights": state.full_weights.as_ref().map(|f| f.display().to_string()),
             "out": sub.display().to_string(),
             "n_items": report.overall.n_items,
             "accuracy": report.overall.accuracy,

@@ -263,7 +263,17 @@ impl TrainPlan {
             .collect()
     }
 
+    /// A checkpoint holds what resume needs (trainable tensors, optimizer moments, proxy, state)
+    /// and, when LoRA trains, the PEFT adapter too, so `eval --checkpoints` can score it.
     fn write_checkpoint(&self, dir: &Path, optim: &AdamW, state: &TrainerState) -> Result<()> {
+        if let Some(lora) = self.store.lora() {
+            write_adapter(
+                &dir.join(ADAPTER_DIR),
+                &lora.spec,
+                &lora.entries(),
+                &self.cfg.model.path,
+            )?;
+        }
         save_safetensors(
             &dir.join("trainable.safetensors"),
             &self.trainable_tensors(),
