@@ -185,10 +185,52 @@ fn cbis_missing_images_are_one_error() {
     }
 }
 
-#[test]
-fn cbis_dicom_input_is_a_clear_error() {
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
+/// Writes a small 16-bit MONOCHROME2 DICOM (explicit VR little endian) holding a ramp.
+fn write_test_dicom(path: &Path) {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::{tags, uids};
+    use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
+    let (cols, rows) = (8u16, 4u16);
+    let mut obj = InMemDicomObject::new_empty();
+    let us = |t, v: u16| DataElement::new(t, VR::US, PrimitiveValue::from(v));
+    obj.put(DataElement::new(
+        tags::SOP_CLASS_UID,
+        VR::UI,
+        PrimitiveValue::from(uids::SECONDARY_CAPTURE_IMAGE_STORAGE),
+    ));
+    obj.put(DataElement::new(
+        tags::SOP_INSTANCE_UID,
+        VR::UI,
+        PrimitiveValue::from("1.2.826.0.1.3680043.2.1125.2"),
+    ));
+    obj.put(us(tags::ROWS, rows));
+    obj.put(us(tags::COLUMNS, cols));
+    obj.put(us(tags::SAMPLES_PER_PIXEL, 1));
+    obj.put(us(tags::BITS_ALLOCATED, 16));
+    obj.put(us(tags::BITS_STORED, 16));
+    obj.put(us(tags::HIGH_BIT, 15));
+    obj.put(us(tags::PIXEL_REPRESENTATION, 0));
+    obj.put(DataElement::new(
+        tags::PHOTOMETRIC_INTERPRETATION,
+        VR::CS,
+        PrimitiveValue::from("MONOCHROME2"),
+    ));
+    let ramp: Vec<u16> = (0..cols * rows).map(|i| i * 1000).collect();
+    obj.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OW,
+        PrimitiveValue::U16(ramp.into()),
+    ));
+    obj.with_meta(FileMetaTableBuilder::new().transfer_syntax(uids::EXPLICIT_VR_LITTLE_ENDIAN))
+        .unwrap()
+        .write_to_file(path)
+        .unwrap();
+}
+
+/// The source tree without `dicom_info.csv`, so one mass-train crop resolves to its `.dcm` file;
+/// returns (source dir, that file's path relative to it).
+fn cbis_with_dicom_crop(tmp: &Path) -> (PathBuf, String) {
+    let src = tmp.join("src");
     copy_dir(&fixture("cbis").join("source"), &src);
     std::fs::remove_file(src.join("dicom_info.csv")).unwrap();
     let csv = std::fs::read_to_string(src.join(cbis::MASS_TRAIN)).unwrap();
@@ -198,15 +240,51 @@ fn cbis_dicom_input_is_a_clear_error() {
         .unwrap()
         .to_string();
     std::fs::create_dir_all(src.join(&dcm).parent().unwrap()).unwrap();
+    (src, dcm)
+}
+
+#[test]
+fn cbis_dicom_crop_is_decoded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dcm) = cbis_with_dicom_crop(tmp.path());
+    write_test_dicom(&src.join(&dcm));
+    // Without an image cache the .dcm path itself is the image, and it loads as RGB.
+    let out = tmp.path().join("out");
+    cbis::prepare(&src, &out, &PrepareOptions::default()).unwrap();
+    let pairs: Vec<Value> = [TRAIN_PAIRS, VAL_PAIRS]
+        .iter()
+        .flat_map(|f| read_jsonl(&out.join(f)))
+        .collect();
+    let img = pairs
+        .iter()
+        .map(|p| p["image"].as_str().unwrap())
+        .find(|p| p.ends_with("000000.dcm"))
+        .expect("the DICOM crop is used");
+    let rgb = lvlm_ift::data::image::load_rgb(Path::new(img)).unwrap();
+    assert_eq!(rgb.dimensions(), (8, 4));
+    assert_eq!(rgb.get_pixel(0, 0).0, [0, 0, 0]);
+    assert_eq!(rgb.get_pixel(7, 3).0, [255, 255, 255]);
+    // With an image cache it is letterboxed like the PNG crops.
+    let cached = tmp.path().join("cached");
+    let opts = PrepareOptions {
+        image_cache: Some(16),
+    };
+    cbis::prepare(&src, &cached, &opts).unwrap();
+    let n = std::fs::read_dir(cached.join("images")).unwrap().count();
+    assert_eq!(n, 21 + 1 + 7);
+}
+
+#[test]
+fn cbis_corrupt_dicom_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dcm) = cbis_with_dicom_crop(tmp.path());
     std::fs::write(src.join(&dcm), b"DICM").unwrap();
     let err = cbis::prepare(&src, &tmp.path().join("out"), &PrepareOptions::default())
         .unwrap_err()
         .to_string();
-    assert!(
-        err.contains("convert") && err.contains("PNG first"),
-        "{err}"
-    );
+    assert!(err.contains("cannot decode image"), "{err}");
     assert!(err.contains("000000.dcm"), "{err}");
+    assert!(err.contains(cbis::MASS_TRAIN), "{err}");
 }
 
 #[test]

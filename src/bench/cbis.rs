@@ -23,8 +23,8 @@
 //!    `SeriesDescription` = `cropped images` gives `image_path`, resolved against the source directory,
 //!    or, if no file is there, against the source directory with the path's first component dropped
 //!    (the Kaggle release writes `CBIS-DDSM/jpeg/...`);
-//! 3. else, if the DICOM file itself exists: error, DICOM is not decoded in this build ("convert to PNG
-//!    first");
+//! 3. else, if the DICOM file itself exists, it is used: decoded here to check it (an unreadable file
+//!    is an error naming it) and read with [`load_dicom_gray8`] wherever the image is loaded;
 //! 4. else the image is missing. All missing images are reported in one error.
 //!
 //! **Split.** Rows of the two Test CSVs = test. The sorted unique `patient_id`s of the two training
@@ -51,12 +51,13 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use crate::bench::letterbox::letterbox_file;
+use crate::bench::letterbox::{letterbox, letterbox_file};
 use crate::bench::prepare::{
     display_path, missing_column, write_outputs, PairRecord, PrepareOptions, PrepareSummary,
     Skipped,
 };
 use crate::bench::pyrandom::PyRandom;
+use crate::data::dicom::load_dicom_gray8;
 use crate::error::{Error, Result};
 use crate::eval::mcq::McqItem;
 
@@ -251,6 +252,18 @@ impl DicomInfo {
     }
 }
 
+/// [`letterbox_file`] for a DICOM crop (8-bit grey after [`load_dicom_gray8`]'s windowing).
+fn letterbox_dicom(src: &Path, dst: &Path, size: u32) -> Result<()> {
+    let img = image::DynamicImage::ImageLuma8(load_dicom_gray8(src)?);
+    if let Some(parent) = dst.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    letterbox(&img, size).save(dst).map_err(|e| Error::Image {
+        path: dst.to_path_buf(),
+        reason: format!("cannot write: {e}"),
+    })
+}
+
 fn is_dicom(p: &Path) -> bool {
     p.extension()
         .map(|e| e.eq_ignore_ascii_case("dcm"))
@@ -348,15 +361,16 @@ fn read_rois(
         }
         let image = match resolve_image(source, field(rec, crop), info) {
             Resolved::Found(p) => p,
-            Resolved::Dicom(p) => {
-                return Err(Error::Image {
-                    path: p,
-                    reason: format!(
-                        "{at}: DICOM input is not decoded by this build; convert the cropped ROI \
-                         images to PNG first (or provide dicom_info.csv mapping to converted images)"
-                    ),
-                })
-            }
+            Resolved::Dicom(p) => match load_dicom_gray8(&p) {
+                Ok(_) => p,
+                Err(Error::Image { path, reason }) => {
+                    return Err(Error::Image {
+                        path,
+                        reason: format!("{at}: {reason}"),
+                    })
+                }
+                Err(e) => return Err(e),
+            },
             Resolved::Missing(p) => {
                 missing.push(format!("{at}: {}", p.display()));
                 PathBuf::new()
@@ -512,7 +526,11 @@ pub fn prepare(source: &Path, out: &Path, opts: &PrepareOptions) -> Result<Prepa
                 let dst = out
                     .join("images")
                     .join(format!("{}-{}.png", roi.stem, roi.row));
-                letterbox_file(&roi.image, &dst, n)?;
+                if is_dicom(&roi.image) {
+                    letterbox_dicom(&roi.image, &dst, n)?;
+                } else {
+                    letterbox_file(&roi.image, &dst, n)?;
+                }
                 Ok(display_path(out, &dst))
             }
             None => {

@@ -26,9 +26,19 @@ use crate::error::{Error, Result};
 ///   on purpose and accept not matching PIL for such files;
 /// - float channels are clamped to 0..=1, scaled by 255 and rounded.
 ///
+/// A `.dcm` file is decoded with [`crate::data::dicom::load_dicom_gray8`] (windowed 8-bit grey)
+/// and replicated into R, G and B.
+///
 /// A missing or unreadable file gives [`Error::Io`]; content that cannot be decoded gives
 /// [`Error::Image`]; both name `path`.
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("dcm"))
+    {
+        let gray = crate::data::dicom::load_dicom_gray8(path)?;
+        return Ok(to_rgb8(DynamicImage::ImageLuma8(gray)));
+    }
     let reader = ImageReader::open(path)
         .and_then(|r| r.with_guessed_format())
         .map_err(|e| Error::io(path, e))?;

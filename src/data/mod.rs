@@ -2,6 +2,7 @@
 
 pub mod batch;
 pub mod collate;
+pub mod dicom;
 pub mod image;
 pub mod loader;
 pub mod pairs;
