@@ -13,6 +13,7 @@ pub mod error;
 pub mod eval;
 pub mod method;
 pub mod model;
+pub mod plot;
 pub mod session;
 pub mod train;
 

@@ -4,18 +4,14 @@
 //! When every item of the key shows the same options in the same order (WBCAtt, fixed-option keys) the
 //! rows are labelled `A. text`; otherwise (shuffled options) rows and columns are option letters.
 
+use crate::plot::{register_font, FONT_FAMILY};
 use std::io;
 use std::path::Path;
-use std::sync::OnceLock;
 
 use super::mcq::letter;
 use super::run::Prediction;
 use crate::error::{Error, Result};
 use crate::train::checkpoint::write_atomic;
-
-/// DejaVu Sans, the font `train::metrics` embeds too (license in `assets/DejaVuSans.LICENSE`).
-static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
-const FONT_FAMILY: &str = "sans-serif";
 
 /// Counts of (truth, prediction) for one key.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -86,12 +82,7 @@ fn plot_error(out: &Path, what: impl std::fmt::Display) -> Error {
 }
 
 fn ensure_font(out: &Path) -> Result<()> {
-    static REGISTERED: OnceLock<bool> = OnceLock::new();
-    let ok = *REGISTERED.get_or_init(|| {
-        plotters::style::register_font(FONT_FAMILY, plotters::style::FontStyle::Normal, FONT)
-            .is_ok()
-    });
-    if ok {
+    if register_font() {
         Ok(())
     } else {
         Err(plot_error(out, "the embedded font is invalid"))

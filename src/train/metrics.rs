@@ -3,11 +3,11 @@
 //! Non-finite numbers (a diverged loss, say) are written to `metrics.jsonl` as `null`, which JSON
 //! readers (Python's `json`, pandas) accept, and read back as NaN.
 
+use crate::plot::{register_font, FONT_FAMILY};
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
@@ -210,10 +210,7 @@ impl TrainProgress {
     }
 }
 
-/// DejaVu Sans (license in `assets/DejaVuSans.LICENSE`): plotters' ab_glyph text needs a
-/// registered font, and embedding one avoids depending on system fonts.
-static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
-const FONT_FAMILY: &str = "sans-serif";
+/// Loss-plot size in pixels.
 const PLOT_SIZE: (u32, u32) = (800, 500);
 /// matplotlib's tab10, so curves look like the Python reference's.
 const PALETTE: [plotters::style::RGBColor; 8] = {
@@ -238,12 +235,7 @@ fn plot_error(out: &Path, what: impl std::fmt::Display) -> Error {
 }
 
 fn ensure_font(out: &Path) -> Result<()> {
-    static REGISTERED: OnceLock<bool> = OnceLock::new();
-    let ok = *REGISTERED.get_or_init(|| {
-        plotters::style::register_font(FONT_FAMILY, plotters::style::FontStyle::Normal, FONT)
-            .is_ok()
-    });
-    if ok {
+    if register_font() {
         Ok(())
     } else {
         Err(plot_error(out, "the embedded font is invalid"))
