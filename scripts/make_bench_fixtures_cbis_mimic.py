@@ -219,6 +219,7 @@ def cbis_expected(base, src):
             mcq_val += items(roi)
         else:
             train.append(pair)
+    rng = random.Random(1)  # the reference's eval.py seeds once per file
     for roi in test_rois:
         mcq_test += items(roi)
     write_jsonl(os.path.join(base, "expected_train.jsonl"), train)
@@ -312,6 +313,7 @@ def mimic_expected(base, src):
         if s["split"] in ("train", "val"):
             out[s["split"]].append(dict(image=s["image"], text=s["desc"]))
     for sp in ("val", "test"):
+        rng = random.Random(1)  # a fresh generator per file, as the reference's eval.py
         for s in studies:
             if s["split"] != sp or not s["asked"]:
                 continue

@@ -222,9 +222,9 @@ def make_skincon():
     n_test = int(0.1 * n)
     val, test, train = ids[:n_val], ids[n_val:n_val + n_test], ids[n_val + n_test:]
     pool = sorted(set(desc.values()))
-    rng = random.Random(1)
     items = {"val": [], "test": []}
     for split, split_ids in (("val", val), ("test", test)):
+        rng = random.Random(1)  # the reference's eval.py seeds once per file
         for i in split_ids:
             truth = desc[i]
             others = [c for c in pool if c != truth]

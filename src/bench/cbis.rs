@@ -41,7 +41,8 @@
 //! `calc distribution` (calc), each only when the value is in the whitelist; then `abnormality type`
 //! (options `[calcification, mass]`) and `pathology` (`[benign, malignant]`), fixed order. Lesion
 //! keys: `options = [truth] + rng.sample(whitelist without truth, 4)`, then `rng.shuffle(options)`,
-//! with one eval generator `PyRandom::new(1)` consumed item by item, val items first, then test items.
+//! with an eval generator `PyRandom::new(1)` seeded afresh for each file (val, then test), as the
+//! reference's eval script runs once per file, consumed item by item in file order.
 //! Item id: `{csv stem}-{row}-{key with _ for spaces}`, row = 1-based data row of the CSV.
 //!
 //! **Images.** With `opts.image_cache = Some(n)` each used ROI is letterboxed to n×n
@@ -554,6 +555,8 @@ pub fn prepare(source: &Path, out: &Path, opts: &PrepareOptions) -> Result<Prepa
             train.push(pair);
         }
     }
+    // The reference's eval script runs once per file and seeds before each: test starts afresh.
+    let mut rng = PyRandom::new(1);
     for roi in &test_rois {
         let image = image_of(roi)?;
         mcq_test.extend(roi_items(roi, "test", &image, &mut rng));

@@ -26,7 +26,7 @@
 //!
 //! **Questions.** One per val/test study, key `findings`: `options = [truth] +
 //! rng.sample(pool without truth, min(4, len))`, then `rng.shuffle(options)`, with one eval generator
-//! `PyRandom::new(1)` consumed val studies first, then test studies, each in CheXpert file order. The
+//! `PyRandom::new(1)` seeded afresh for each file (val, test), consumed in CheXpert file order. The
 //! pool is the sorted list of the distinct descriptions of all usable studies of all splits (those with
 //! a split and a frontal image, including ones without a question). Item id `mimic-cxr-s{study}`.
 //! Optional per-finding yes/no questions (METHOD.md) are not built yet.
@@ -342,8 +342,9 @@ pub fn prepare_with(
         }
         images.insert(s.study.clone(), image);
     }
-    let mut rng = PyRandom::new(1);
-    let mut items = |split: &str| -> Vec<McqItem> {
+    // A fresh generator per file (val, test), as the reference evaluates each file in its own run.
+    let items = |split: &str| -> Vec<McqItem> {
+        let mut rng = PyRandom::new(1);
         let mut out = Vec::new();
         for s in studies.iter().filter(|s| s.split == split && s.asked) {
             let others: Vec<String> = pool

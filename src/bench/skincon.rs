@@ -19,7 +19,8 @@
 //!   training-config concern (epochs / repeats), `train.jsonl` holds each pair once.
 //! * Questions (val and test): key `dermatologic feature`; truth = the image's combination string;
 //!   options = truth + `rng.sample(pool_without_truth, 4)`, then the 5 shuffled with `rng.shuffle`.
-//!   ONE eval generator `PyRandom::new(1)` is consumed item by item in file order: the val items
+//!   an eval generator `PyRandom::new(1)`, seeded afresh for each file (val, test) as the reference's
+//!   eval script runs once per file, is consumed item by item in file order: the val items
 //!   first, then the test items, each in split order.
 //! * Pool = the sorted distinct combination strings over all usable images of all splits.
 //!
@@ -325,8 +326,10 @@ pub fn prepare(source: &Path, out: &Path, opts: &PrepareOptions) -> Result<Prepa
         .collect::<Result<_>>()?;
     let val_images: Vec<String> = val.iter().map(|p| p.image.clone()).collect();
 
-    let mut rng = PyRandom::new(EVAL_SEED);
-    let mut items = |split: &str, ids: &[String], images: &[String]| -> Vec<McqItem> {
+    // The reference's eval script runs once per file, seeding before each: a fresh generator
+    // for val and for test.
+    let items = |split: &str, ids: &[String], images: &[String]| -> Vec<McqItem> {
+        let mut rng = PyRandom::new(EVAL_SEED);
         ids.iter()
             .zip(images)
             .map(|(id, image)| {

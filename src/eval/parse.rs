@@ -30,17 +30,19 @@ fn letter_index(c: char, n_options: usize) -> Option<usize> {
 
 /// The reference's strict parse: take the text after the LAST occurrence of `"The correct answer is"`
 /// (case-sensitive); remove every occurrence of the characters `.`, `*`, `[`, `]` and of the end-of-turn
-/// markers ([`END_OF_TURN_MARKERS`]), then surrounding whitespace; the result must be exactly one of the
-/// option letters, uppercase, → `Some(index)`, else `None`. No occurrence → `None`.
+/// markers ([`END_OF_TURN_MARKERS`]), then surrounding whitespace, and upper-case what remains (the
+/// reference's `.strip().upper()`); the result must be exactly one of the option letters →
+/// `Some(index)`, else `None`. No occurrence → `None`.
 ///
-/// So `"The correct answer is [B]."` and `"**The correct answer is B**"` score B, while
-/// `"The correct answer is B because ..."`, `"the correct answer is b"` and a letter past the last option do
-/// not score at all.
+/// So `"The correct answer is [B]."`, `"**The correct answer is B**"` and `"The correct answer is b."`
+/// score B, while `"The correct answer is B because ..."`, `"the correct answer is b"` (the phrase is
+/// case-sensitive) and a letter past the last option do not score at all.
 pub fn parse_strict(generation: &str, n_options: usize) -> Option<usize> {
     let at = generation.rfind(ANSWER_PHRASE)?;
     let mut rest = remove_end_of_turn(&generation[at + ANSWER_PHRASE.len()..]);
     rest.retain(|c| !matches!(c, '.' | '*' | '[' | ']'));
-    let mut chars = rest.trim().chars();
+    let upper = rest.trim().to_uppercase();
+    let mut chars = upper.chars();
     let c = chars.next()?;
     if chars.next().is_some() || !c.is_ascii_uppercase() {
         return None;
@@ -242,7 +244,7 @@ mod tests {
         ),
         // Strict is case-sensitive on both phrase and letter.
         ("the correct answer is b", None, Some(1)),
-        ("The correct answer is b.", None, Some(1)),
+        ("The correct answer is b.", Some(1), Some(1)),
         // Anything left beside the letter fails the strict parse, as in the reference.
         (
             "The correct answer is B because it has granules.",
