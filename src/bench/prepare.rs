@@ -105,6 +105,49 @@ pub fn write_outputs(
     write_atomic(&out.join(SUMMARY), json.as_bytes())
 }
 
+/// A label file opened for reading, with its header row.
+pub struct CsvFile {
+    pub path: PathBuf,
+    pub reader: csv::Reader<std::fs::File>,
+    pub headers: Vec<String>,
+}
+
+impl CsvFile {
+    /// Open a released CSV (rectangular rows) and read its header; errors name the file.
+    pub fn open(path: &Path) -> Result<Self> {
+        let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut reader = csv::ReaderBuilder::new().flexible(false).from_reader(f);
+        let headers = reader
+            .headers()
+            .map_err(|e| csv_error(path, e))?
+            .iter()
+            .map(str::to_string)
+            .collect();
+        Ok(Self {
+            path: path.to_path_buf(),
+            reader,
+            headers,
+        })
+    }
+
+    /// Index of a required column, or an error naming it, the file and the columns found.
+    pub fn column(&self, name: &str) -> Result<usize> {
+        self.headers
+            .iter()
+            .position(|h| h == name)
+            .ok_or_else(|| missing_column(&self.path, name, &self.headers))
+    }
+}
+
+/// A malformed CSV record, naming the file.
+pub fn csv_error(path: &Path, e: csv::Error) -> Error {
+    Error::Config {
+        path: path.to_path_buf(),
+        key: "csv".into(),
+        reason: e.to_string(),
+    }
+}
+
 /// A required column is missing: name it, the file, and the columns found.
 pub fn missing_column(file: &Path, column: &str, found: &[String]) -> Error {
     Error::Config {

@@ -28,11 +28,10 @@
 //! are an error naming the column.
 
 use std::collections::{BTreeSet, HashMap};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use super::prepare::{
-    display_path, missing_column, write_outputs, PairRecord, PrepareOptions, PrepareSummary,
+    csv_error, display_path, write_outputs, CsvFile, PairRecord, PrepareOptions, PrepareSummary,
     Skipped,
 };
 use super::pyrandom::PyRandom;
@@ -75,14 +74,6 @@ pub fn is_index_column(header: &str) -> bool {
     h.is_empty() || h.starts_with("Unnamed:")
 }
 
-fn csv_error(path: &Path, e: csv::Error) -> Error {
-    Error::Config {
-        path: path.to_path_buf(),
-        key: "csv".into(),
-        reason: e.to_string(),
-    }
-}
-
 /// A binary cell: `1`/`1.0` -> true, `0`/`0.0`/empty -> false, anything else `None`.
 fn binary(v: &str) -> Option<bool> {
     let v = v.trim();
@@ -105,20 +96,9 @@ pub fn read_annotations(file: &Path) -> Result<Annotations> {
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let f = File::open(file).map_err(|e| Error::io(file, e))?;
-    let mut rdr = csv::ReaderBuilder::new().flexible(false).from_reader(f);
-    let headers: Vec<String> = rdr
-        .headers()
-        .map_err(|e| csv_error(file, e))?
-        .iter()
-        .map(str::to_string)
-        .collect();
-    let col = |name: &str| -> Result<usize> {
-        headers
-            .iter()
-            .position(|h| h == name)
-            .ok_or_else(|| missing_column(file, name, &headers))
-    };
+    let csv_file = CsvFile::open(file)?;
+    let col = |name: &str| csv_file.column(name);
+    let headers = csv_file.headers.clone();
     let id_i = col(ID_COLUMN)?;
     let flag_i = col(FLAG_COLUMN)?;
     let concept_cols: Vec<usize> = (0..headers.len())
@@ -132,6 +112,7 @@ pub fn read_annotations(file: &Path) -> Result<Annotations> {
         ..Default::default()
     };
     let mut seen: HashMap<String, u64> = HashMap::new();
+    let mut rdr = csv_file.reader;
     for rec in rdr.records() {
         let rec = rec.map_err(|e| csv_error(file, e))?;
         let line = rec.position().map(|p| p.line()).unwrap_or(0);

@@ -24,14 +24,13 @@
 //! images referenced by any of the three files but absent are listed together in one error.
 
 use std::collections::HashSet;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use image::imageops::FilterType;
 use image::{ImageFormat, RgbImage};
 
 use super::prepare::{
-    display_path, missing_column, write_outputs, PairRecord, PrepareOptions, PrepareSummary,
+    csv_error, display_path, write_outputs, CsvFile, PairRecord, PrepareOptions, PrepareSummary,
     Skipped,
 };
 use super::pyrandom::PyRandom;
@@ -171,30 +170,10 @@ pub fn pick_key(values: &[String; 12], rng: &mut PyRandom) -> Option<&'static st
     keys.first().copied()
 }
 
-fn csv_error(path: &Path, e: csv::Error) -> Error {
-    Error::Config {
-        path: path.to_path_buf(),
-        key: "csv".into(),
-        reason: e.to_string(),
-    }
-}
-
 /// Read one split file, checking its columns.
 pub fn read_rows(file: &Path) -> Result<Vec<Row>> {
-    let f = File::open(file).map_err(|e| Error::io(file, e))?;
-    let mut rdr = csv::ReaderBuilder::new().flexible(false).from_reader(f);
-    let headers: Vec<String> = rdr
-        .headers()
-        .map_err(|e| csv_error(file, e))?
-        .iter()
-        .map(str::to_string)
-        .collect();
-    let col = |name: &str| -> Result<usize> {
-        headers
-            .iter()
-            .position(|h| h == name)
-            .ok_or_else(|| missing_column(file, name, &headers))
-    };
+    let csv_file = CsvFile::open(file)?;
+    let col = |name: &str| csv_file.column(name);
     for c in COLUMNS {
         col(c)?;
     }
@@ -205,6 +184,7 @@ pub fn read_rows(file: &Path) -> Result<Vec<Row>> {
         .map(|k| col(k))
         .collect::<Result<_>>()?;
     let mut rows = Vec::new();
+    let mut rdr = csv_file.reader;
     for rec in rdr.records() {
         let rec = rec.map_err(|e| csv_error(file, e))?;
         let line = rec.position().map(|p| p.line()).unwrap_or(0);
