@@ -18,3 +18,20 @@ pub fn register_font() -> bool {
             .is_ok()
     })
 }
+
+/// Encode an RGB8 raster (`w`×`h`) as PNG and write it atomically to `out`.
+pub fn write_png(out: &std::path::Path, pixels: &[u8], w: u32, h: u32) -> crate::Result<()> {
+    let mut png = Vec::new();
+    image::ImageEncoder::write_image(
+        image::codecs::png::PngEncoder::new(&mut png),
+        pixels,
+        w,
+        h,
+        image::ExtendedColorType::Rgb8,
+    )
+    .map_err(|e| crate::Error::Image {
+        path: out.to_path_buf(),
+        reason: format!("cannot encode the plot: {e}"),
+    })?;
+    crate::train::checkpoint::write_atomic(out, &png)
+}

@@ -4,14 +4,13 @@
 //! When every item of the key shows the same options in the same order (WBCAtt, fixed-option keys) the
 //! rows are labelled `A. text`; otherwise (shuffled options) rows and columns are option letters.
 
-use crate::plot::{register_font, FONT_FAMILY};
+use crate::plot::{register_font, write_png, FONT_FAMILY};
 use std::io;
 use std::path::Path;
 
 use super::mcq::letter;
 use super::run::Prediction;
 use crate::error::{Error, Result};
-use crate::train::checkpoint::write_atomic;
 
 /// Counts of (truth, prediction) for one key.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -200,16 +199,7 @@ pub fn plot_confusion(c: &Confusion, title: &str, out: &Path) -> Result<()> {
         }
         root.present().map_err(|e| plot_error(out, e))?;
     }
-    let mut png = Vec::new();
-    image::ImageEncoder::write_image(
-        image::codecs::png::PngEncoder::new(&mut png),
-        &pixels,
-        w,
-        h,
-        image::ExtendedColorType::Rgb8,
-    )
-    .map_err(|e| plot_error(out, e))?;
-    write_atomic(out, &png)
+    write_png(out, &pixels, w, h)
 }
 
 /// A file-name-safe form of a key (`confusion-<key>.png`).

@@ -3,7 +3,7 @@
 //! Non-finite numbers (a diverged loss, say) are written to `metrics.jsonl` as `null`, which JSON
 //! readers (Python's `json`, pandas) accept, and read back as NaN.
 
-use crate::plot::{register_font, FONT_FAMILY};
+use crate::plot::{register_font, write_png, FONT_FAMILY};
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, IsTerminal, Write};
@@ -391,16 +391,7 @@ pub fn plot_loss(metrics: &[StepMetrics], out: &Path, title: &str) -> Result<()>
         root.present().map_err(|e| plot_error(out, e))?;
     }
 
-    let mut png = Vec::new();
-    image::ImageEncoder::write_image(
-        image::codecs::png::PngEncoder::new(&mut png),
-        &pixels,
-        w,
-        h,
-        image::ExtendedColorType::Rgb8,
-    )
-    .map_err(|e| plot_error(out, e))?;
-    write_atomic(out, &png)
+    write_png(out, &pixels, w, h)
 }
 
 #[cfg(test)]
