@@ -54,7 +54,7 @@ use std::path::{Path, PathBuf};
 
 use crate::bench::letterbox::{letterbox, letterbox_file};
 use crate::bench::prepare::{
-    display_path, missing_column, write_outputs, PairRecord, PrepareOptions, PrepareSummary,
+    display_path, field, write_outputs, CsvTable, PairRecord, PrepareOptions, PrepareSummary,
     Skipped,
 };
 use crate::bench::pyrandom::PyRandom;
@@ -126,65 +126,6 @@ pub fn normalize(value: &str) -> String {
     value.to_lowercase().replace('_', " ").trim().to_string()
 }
 
-/// A CSV read whole: trimmed header names and `(line, record)` per data row.
-pub(crate) struct Table {
-    pub path: PathBuf,
-    pub headers: Vec<String>,
-    pub rows: Vec<(u64, csv::StringRecord)>,
-}
-
-impl Table {
-    pub(crate) fn read(path: &Path) -> Result<Table> {
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let mut rdr = csv::ReaderBuilder::new().flexible(true).from_reader(file);
-        let csv_err = |e: csv::Error| Error::Config {
-            path: path.to_path_buf(),
-            key: "csv".into(),
-            reason: e.to_string(),
-        };
-        let headers: Vec<String> = rdr
-            .headers()
-            .map_err(csv_err)?
-            .iter()
-            .map(|h| h.trim_start_matches('\u{feff}').trim().to_string())
-            .collect();
-        let mut rows = Vec::new();
-        for rec in rdr.records() {
-            let rec = rec.map_err(csv_err)?;
-            let line = rec.position().map(|p| p.line()).unwrap_or(0);
-            rows.push((line, rec));
-        }
-        Ok(Table {
-            path: path.to_path_buf(),
-            headers,
-            rows,
-        })
-    }
-
-    /// Index of a column, or the missing-column error.
-    pub(crate) fn col(&self, name: &str) -> Result<usize> {
-        self.headers
-            .iter()
-            .position(|h| h == name)
-            .ok_or_else(|| missing_column(&self.path, name, &self.headers))
-    }
-
-    pub(crate) fn opt_col(&self, name: &str) -> Option<usize> {
-        self.headers.iter().position(|h| h == name)
-    }
-
-    pub(crate) fn file_name(&self) -> String {
-        self.path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    }
-}
-
-pub(crate) fn field(rec: &csv::StringRecord, i: usize) -> &str {
-    rec.get(i).unwrap_or("")
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Mass,
@@ -234,7 +175,7 @@ struct DicomInfo {
 
 impl DicomInfo {
     fn read(path: &Path) -> Result<DicomInfo> {
-        let t = Table::read(path)?;
+        let t = CsvTable::read(path)?;
         let series = t.col("SeriesInstanceUID")?;
         let image = t.col("image_path")?;
         let desc = t.opt_col("SeriesDescription");
@@ -317,7 +258,7 @@ fn read_rois(
     skipped: &mut Vec<Skipped>,
     missing: &mut Vec<String>,
 ) -> Result<(Vec<Roi>, Vec<String>)> {
-    let t = Table::read(&source.join(name))?;
+    let t = CsvTable::read(&source.join(name))?;
     let patient = t.col("patient_id")?;
     let abn = t.col("abnormality type")?;
     let path_col = t.col("pathology")?;

@@ -37,11 +37,11 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use crate::bench::cbis::{field, Table};
 use crate::bench::letterbox::letterbox_file;
 use crate::bench::prepare::{
     display_path, write_outputs, PairRecord, PrepareOptions, PrepareSummary, Skipped,
 };
+use crate::bench::prepare::{field, CsvTable};
 use crate::bench::pyrandom::PyRandom;
 use crate::error::{Error, Result};
 use crate::eval::mcq::McqItem;
@@ -154,9 +154,9 @@ pub fn prepare_with(
     mimic: &MimicOptions,
 ) -> Result<PrepareSummary> {
     let mut summary = PrepareSummary::new("mimic-cxr");
-    let chex = Table::read(&source.join(CHEXPERT))?;
-    let split_t = Table::read(&source.join(SPLIT))?;
-    let meta = Table::read(&source.join(METADATA))?;
+    let chex = CsvTable::read(&source.join(CHEXPERT))?;
+    let split_t = CsvTable::read(&source.join(SPLIT))?;
+    let meta = CsvTable::read(&source.join(METADATA))?;
 
     let (s_study, s_split) = (split_t.col("study_id")?, split_t.col("split")?);
     split_t.col("dicom_id")?;

@@ -139,6 +139,61 @@ impl CsvFile {
     }
 }
 
+/// A CSV read whole: trimmed header names and `(line, record)` per data row.
+pub struct CsvTable {
+    pub path: PathBuf,
+    pub headers: Vec<String>,
+    pub rows: Vec<(u64, csv::StringRecord)>,
+}
+
+impl CsvTable {
+    pub fn read(path: &Path) -> Result<CsvTable> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut rdr = csv::ReaderBuilder::new().flexible(true).from_reader(file);
+        let csv_err = |e: csv::Error| csv_error(path, e);
+        let headers: Vec<String> = rdr
+            .headers()
+            .map_err(csv_err)?
+            .iter()
+            .map(|h| h.trim_start_matches('\u{feff}').trim().to_string())
+            .collect();
+        let mut rows = Vec::new();
+        for rec in rdr.records() {
+            let rec = rec.map_err(csv_err)?;
+            let line = rec.position().map(|p| p.line()).unwrap_or(0);
+            rows.push((line, rec));
+        }
+        Ok(CsvTable {
+            path: path.to_path_buf(),
+            headers,
+            rows,
+        })
+    }
+
+    /// Index of a column, or the missing-column error.
+    pub fn col(&self, name: &str) -> Result<usize> {
+        self.headers
+            .iter()
+            .position(|h| h == name)
+            .ok_or_else(|| missing_column(&self.path, name, &self.headers))
+    }
+
+    pub fn opt_col(&self, name: &str) -> Option<usize> {
+        self.headers.iter().position(|h| h == name)
+    }
+
+    pub fn file_name(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+}
+
+pub fn field(rec: &csv::StringRecord, i: usize) -> &str {
+    rec.get(i).unwrap_or("")
+}
+
 /// A malformed CSV record, naming the file.
 pub fn csv_error(path: &Path, e: csv::Error) -> Error {
     Error::Config {

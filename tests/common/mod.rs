@@ -1,6 +1,8 @@
 //! Shared helpers for integration tests: fixture paths, expected tensors, comparisons.
 #![allow(dead_code)]
 
+pub mod bench;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 

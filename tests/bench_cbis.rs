@@ -1,67 +1,16 @@
-//! CBIS-DDSM and MIMIC-CXR `prepare` against item lists computed by a plain Python implementation
-//! with Python's `random` (`scripts/make_bench_fixtures_cbis_mimic.py`).
+//! CBIS-DDSM `prepare` against item lists computed by a plain Python implementation with Python's
+//! `random` (`scripts/make_bench_fixtures_cbis.py`).
+
+mod common;
 
 use std::path::{Path, PathBuf};
 
+use common::bench::{abs_image, bench_fixture as fixture, compare, copy_dir, read_jsonl};
+use lvlm_ift::bench::cbis;
 use lvlm_ift::bench::prepare::{
     PrepareOptions, MCQ_TEST, MCQ_VAL, SUMMARY, TRAIN_PAIRS, VAL_PAIRS,
 };
-use lvlm_ift::bench::{cbis, mimic_cxr};
 use serde_json::Value;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/bench")
-        .join(name)
-}
-
-fn read_jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// Compare a prepared file with the expected one: every field of the expected rows, with the expected
-/// image path (relative to the source dir) mapped through `image`.
-fn compare(actual: &Path, expected: &Path, image: &dyn Fn(&str) -> String) {
-    let (a, e) = (read_jsonl(actual), read_jsonl(expected));
-    assert_eq!(a.len(), e.len(), "{}: row count", actual.display());
-    for (i, (a, e)) in a.iter().zip(&e).enumerate() {
-        for (k, ev) in e.as_object().unwrap() {
-            let av = &a[k];
-            if k == "image" {
-                assert_eq!(
-                    av.as_str().unwrap(),
-                    image(ev.as_str().unwrap()),
-                    "{} row {i}",
-                    actual.display()
-                );
-            } else {
-                assert_eq!(av, ev, "{} row {i} field {k}", actual.display());
-            }
-        }
-    }
-}
-
-fn abs_image(src: &Path) -> impl Fn(&str) -> String {
-    let abs = std::path::absolute(src).unwrap();
-    move |rel: &str| abs.join(rel).to_string_lossy().into_owned()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let dst = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &dst);
-        } else {
-            std::fs::copy(entry.path(), &dst).unwrap();
-        }
-    }
-}
 
 #[test]
 fn cbis_matches_python_items() {
@@ -302,86 +251,4 @@ fn cbis_missing_column_is_named() {
         .to_string();
     assert!(err.contains("calc distribution"), "{err}");
     assert!(err.contains(cbis::CALC_TEST), "{err}");
-}
-
-#[test]
-fn mimic_matches_python_items() {
-    let base = fixture("mimic-cxr");
-    let src = base.join("source");
-    let out = tempfile::tempdir().unwrap();
-    let summary = mimic_cxr::prepare(&src, out.path(), &PrepareOptions::default()).unwrap();
-    let img = abs_image(&src);
-    for (file, exp) in [
-        (TRAIN_PAIRS, "expected_train.jsonl"),
-        (VAL_PAIRS, "expected_val.jsonl"),
-        (MCQ_VAL, "expected_mcq_val.jsonl"),
-        (MCQ_TEST, "expected_mcq_test.jsonl"),
-    ] {
-        compare(&out.path().join(file), &base.join(exp), &img);
-    }
-    assert_eq!(summary.pairs["train"], 5);
-    assert_eq!(summary.pairs["val"], 4);
-    assert_eq!(summary.items["val"], 3);
-    assert_eq!(summary.items["test"], 4);
-    assert_eq!(summary.option_counts["test"][&5], 4);
-    let reasons: Vec<&str> = summary.skipped.iter().map(|s| s.reason.as_str()).collect();
-    assert!(
-        reasons.iter().any(|r| r.contains("s51178377: no frontal")),
-        "{reasons:?}"
-    );
-    assert!(
-        reasons.iter().any(|r| r.contains("s59258269: no frontal")),
-        "{reasons:?}"
-    );
-    assert!(
-        reasons.iter().any(|r| r.contains("s58224503 is not in")),
-        "{reasons:?}"
-    );
-    assert!(
-        reasons
-            .iter()
-            .any(|r| r.contains("s51065211: uncertain Pneumonia")),
-        "{reasons:?}"
-    );
-    // No-finding study, AP-only, PA preferred over an earlier AP.
-    let val = read_jsonl(&out.path().join(VAL_PAIRS));
-    assert!(val.iter().any(|p| p["text"] == "no finding"));
-    let train = read_jsonl(&out.path().join(TRAIN_PAIRS));
-    assert!(train
-        .iter()
-        .any(|p| p["image"].as_str().unwrap().ends_with("s57375967/d06.jpg")));
-}
-
-#[test]
-fn mimic_uncertain_as_negative_asks_every_study() {
-    let src = fixture("mimic-cxr").join("source");
-    let out = tempfile::tempdir().unwrap();
-    let opts = PrepareOptions {
-        image_cache: Some(16),
-    };
-    let m = mimic_cxr::MimicOptions {
-        uncertain: mimic_cxr::Uncertain::Negative,
-    };
-    let summary = mimic_cxr::prepare_with(&src, out.path(), &opts, &m).unwrap();
-    assert_eq!(summary.items["val"], 4);
-    let val = read_jsonl(&out.path().join(MCQ_VAL));
-    let img = val[0]["image"].as_str().unwrap();
-    assert!(img.starts_with("images/"), "{img}");
-    let im = image::open(out.path().join(img)).unwrap();
-    assert_eq!((im.width(), im.height()), (16, 16));
-}
-
-#[test]
-fn mimic_missing_image_is_an_error() {
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    copy_dir(&fixture("mimic-cxr").join("source"), &src);
-    std::fs::remove_file(src.join("files/p12/p12003026/s50133627/d18.jpg")).unwrap();
-    let err = mimic_cxr::prepare(&src, &tmp.path().join("out"), &PrepareOptions::default())
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("1 study image(s) not found") && err.contains("d18.jpg"),
-        "{err}"
-    );
 }
