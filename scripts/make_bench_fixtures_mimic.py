@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Tiny synthetic MIMIC-CXR-JPG copy + the expected prepared items.
 
-Writes tests/fixtures/bench/mimic-cxr/{source/,expected_*.jsonl}. The CSVs have the released files'
+Writes tests/fixtures/bench/mimic-cxr/{source/,expected_*.jsonl}; expected_mcq_{val,test}_yes_no.jsonl
+are the MCQ items with the optional per-finding yes/no questions on (default uncertain policy: an
+uncertain finding gets no yes/no question, the study's other findings do). The CSVs have the released files'
 columns and a handful of rows, including tricky ones (MIMIC: an uncertain label, a no-finding
 study, a lateral-only study, an AP-only study, a study missing from the split file).
 
@@ -121,7 +123,8 @@ def mimic_expected(base, src):
         unc = any(r[c] and float(r[c]) == -1.0 for c in CHEX)
         subj, study = r["subject_id"], r["study_id"]
         studies.append(dict(split=sp, study=study, desc=", ".join(pos) or "no finding", asked=sp != "train" and not unc,
-                            image=f"files/p{subj[:2]}/p{subj}/s{study}/{frontal[0]}.jpg"))
+                            image=f"files/p{subj[:2]}/p{subj}/s{study}/{frontal[0]}.jpg",
+                            labels={c: float(r[c]) if r[c] else 0.0 for c in FINDINGS}))
     pool = sorted({s["desc"] for s in studies})
     rng = random.Random(1)
     out = {"train": [], "val": [], "mcq_val": [], "mcq_test": []}
@@ -129,18 +132,37 @@ def mimic_expected(base, src):
         if s["split"] in ("train", "val"):
             out[s["split"]].append(dict(image=s["image"], text=s["desc"]))
     for sp in ("val", "test"):
-        rng = random.Random(1)  # a fresh generator per file, as the reference's eval.py
-        for s in studies:
-            if s["split"] != sp or not s["asked"]:
-                continue
-            others = [p for p in pool if p != s["desc"]]
-            opts = [s["desc"]] + rng.sample(others, min(4, len(others)))
-            rng.shuffle(opts)
-            out["mcq_" + sp].append(dict(id=f"mimic-cxr-s{s['study']}", image=s["image"], key="findings",
-                                         options=opts, answer=opts.index(s["desc"])))
+        out["mcq_" + sp] = mimic_mcq(studies, pool, sp, yes_no=False)
+        out[f"mcq_{sp}_yes_no"] = mimic_mcq(studies, pool, sp, yes_no=True)
     for k, rows in out.items():
         write_jsonl(os.path.join(base, f"expected_{k}.jsonl"), rows)
     print("mimic-cxr: " + ", ".join(f"{k} {len(v)}" for k, v in out.items()) + f", pool {len(pool)}")
+
+
+def mimic_mcq(studies, pool, sp, yes_no):
+    """The MCQ items of one split: each study's findings item (if asked), then, with yes_no, one
+    yes/no item per finding whose label is not uncertain (the yes/no items draw nothing from rng)."""
+    rng = random.Random(1)  # a fresh generator per file, as the reference's eval.py
+    rows = []
+    for s in studies:
+        if s["split"] != sp:
+            continue
+        if s["asked"]:
+            others = [p for p in pool if p != s["desc"]]
+            opts = [s["desc"]] + rng.sample(others, min(4, len(others)))
+            rng.shuffle(opts)
+            rows.append(dict(id=f"mimic-cxr-s{s['study']}", image=s["image"], key="findings",
+                             options=opts, answer=opts.index(s["desc"])))
+        if not yes_no:
+            continue
+        for c in FINDINGS:
+            v = s["labels"][c]
+            if v == -1.0:
+                continue
+            name = c.lower()
+            rows.append(dict(id=f"mimic-cxr-s{s['study']}-{name.replace(' ', '_')}", image=s["image"],
+                             key=f"presence of {name}", options=["yes", "no"], answer=0 if v == 1.0 else 1))
+    return rows
 
 
 if __name__ == "__main__":

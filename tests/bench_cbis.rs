@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use common::bench::{abs_image, bench_fixture as fixture, compare, copy_dir, read_jsonl};
 use lvlm_ift::bench::cbis;
 use lvlm_ift::bench::prepare::{
-    PrepareOptions, MCQ_TEST, MCQ_VAL, SUMMARY, TRAIN_PAIRS, VAL_PAIRS,
+    CsvTable, PrepareOptions, MCQ_TEST, MCQ_VAL, SUMMARY, TRAIN_PAIRS, VAL_PAIRS,
 };
 use serde_json::Value;
 
@@ -27,7 +27,8 @@ fn cbis_matches_python_items() {
     ] {
         compare(&out.path().join(file), &base.join(exp), &img);
     }
-    // Split sizes: 2 of the 21 training patients are val; one of them only has an unknown pathology.
+    // Split sizes: 2 of the 23 training patients of dicom_info.csv's crops are val (P_00048, and
+    // P_00098, whose crop no row uses); the val patient's one ROI gives 4 items.
     assert_eq!(summary.pairs["train"], 21);
     assert_eq!(summary.pairs["val"], 1);
     assert_eq!(summary.items["val"], 4);
@@ -52,9 +53,9 @@ fn cbis_matches_python_items() {
             None => assert_eq!(opts.len(), 2, "{it}"),
         }
     }
-    // `LOBULATED-IRREGULAR` (mass test row 3) is not asked; `fine linear branching` with a missing
-    // distribution (calc test row 3) gets no distribution question; pathology `UNSURE` (calc test row 4)
-    // is left out.
+    // `LOBULATED-IRREGULAR` (mass test row 3) is not asked; `fine linear branching` with an `N/A`
+    // distribution (calc test row 3, NaN for pandas) gets no distribution question; pathology
+    // `UNSURE` (calc test row 4) is left out.
     let ids: Vec<&str> = test.iter().map(|i| i["id"].as_str().unwrap()).collect();
     assert!(!ids.contains(&"mass_case_description_test_set-3-mass_shape"));
     assert!(ids.contains(&"mass_case_description_test_set-3-mass_margins"));
@@ -73,20 +74,22 @@ fn cbis_matches_python_items() {
         "unknown pathology \"UNSURE\"",
         "\"irregular-architectural distortion\" not in the whitelist",
         "\"lobulated-irregular\" not in the whitelist",
+        "mass_case_description_train_set.csv:38 no `cropped images` row with PatientID \
+         \"Mass-Training_P_00050_LEFT_CC_13\"",
     ] {
         assert!(
             reasons.iter().any(|r| r.contains(needle)),
             "{needle}: {reasons:?}"
         );
     }
-    // BENIGN_WITHOUT_CALLBACK -> benign, `_` -> space, the dicom_info.csv crop.
+    // BENIGN_WITHOUT_CALLBACK -> benign, `_` -> space; every crop is dicom_info.csv's JPEG.
     let train = read_jsonl(&out.path().join(TRAIN_PAIRS));
     let texts: Vec<&str> = train.iter().map(|p| p["text"].as_str().unwrap()).collect();
     assert!(texts.contains(&"lobulated mass shape, ill defined mass margins, mass, benign"));
     assert!(texts.contains(&"lucent center calc type, calcification, benign"));
     assert!(train
         .iter()
-        .any(|p| p["image"].as_str().unwrap().ends_with(".jpg")));
+        .all(|p| p["image"].as_str().unwrap().ends_with(".jpg")));
 }
 
 #[test]
@@ -102,7 +105,7 @@ fn cbis_image_cache_letterboxes() {
     assert_eq!(first, "images/mass_case_description_test_set-1.png");
     let img = image::open(out.path().join(first)).unwrap();
     assert_eq!((img.width(), img.height()), (56, 56));
-    // Letterboxed: the 18x5 crop leaves black padding above and below.
+    // Letterboxed: the 6x9 crop leaves black padding left and right.
     assert_eq!(img.to_luma8().get_pixel(0, 0)[0], 0);
     assert_ne!(img.to_luma8().get_pixel(28, 28)[0], 0);
     let n = std::fs::read_dir(out.path().join("images"))
@@ -116,22 +119,64 @@ fn cbis_missing_images_are_one_error() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     copy_dir(&fixture("cbis").join("source"), &src);
-    let roi = src.join("roi");
     let mut removed = Vec::new();
-    for name in [
-        "Mass-Test_P_00016_LEFT_CC_1.png",
-        "Calc-Training_P_00005_LEFT_CC_1.png",
-    ] {
-        std::fs::remove_file(roi.join(name)).unwrap();
-        removed.push(name);
+    for expected in ["expected_mcq_test.jsonl", "expected_train.jsonl"] {
+        let rel = read_jsonl(&fixture("cbis").join(expected))[0]["image"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        std::fs::remove_file(src.join(&rel)).unwrap();
+        removed.push(rel);
     }
     let err = cbis::prepare(&src, &tmp.path().join("out"), &PrepareOptions::default())
         .unwrap_err()
         .to_string();
     assert!(err.contains("2 ROI image(s) not found"), "{err}");
-    for name in removed {
-        assert!(err.contains(name), "{err}");
+    for rel in removed {
+        assert!(err.contains(&rel), "{err}");
     }
+}
+
+#[test]
+fn cbis_duplicate_crop_in_dicom_info_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    copy_dir(&fixture("cbis").join("source"), &src);
+    let p = src.join("csv").join(cbis::DICOM_INFO);
+    let text = std::fs::read_to_string(&p).unwrap();
+    let dup = text
+        .lines()
+        .find(|l| l.contains(",cropped images,"))
+        .unwrap()
+        .to_string();
+    std::fs::write(&p, format!("{text}{dup}\n")).unwrap();
+    let err = format!(
+        "{:#}",
+        cbis::prepare(&src, &tmp.path().join("out"), &PrepareOptions::default()).unwrap_err()
+    );
+    assert!(err.contains("two `cropped images` rows"), "{err}");
+    assert!(err.contains("dicom_info.csv"), "{err}");
+    assert!(err.contains("Mass-Training_P_00001_LEFT_CC_1"), "{err}");
+}
+
+#[test]
+fn cbis_row_patient_must_match_its_case() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    copy_dir(&fixture("cbis").join("source"), &src);
+    let p = src.join("csv").join(cbis::CALC_TRAIN);
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replacen("\nP_00005,", "\nP_07777,", 1);
+    std::fs::write(&p, text).unwrap();
+    let err = cbis::prepare(&src, &tmp.path().join("out"), &PrepareOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("P_07777"), "{err}");
+    assert!(
+        err.contains("calc_case_description_train_set.csv:2:"),
+        "{err}"
+    );
 }
 
 /// Writes a small 16-bit MONOCHROME2 DICOM (explicit VR little endian) holding a ramp.
@@ -176,63 +221,73 @@ fn write_test_dicom(path: &Path) {
         .unwrap();
 }
 
-/// The source tree without `dicom_info.csv`, so one mass-train crop resolves to its `.dcm` file;
-/// returns (source dir, that file's path relative to it).
-fn cbis_with_dicom_crop(tmp: &Path) -> (PathBuf, String) {
+/// The TCIA layout: the case CSVs without `dicom_info.csv`, a DICOM crop at every row's
+/// `cropped image file path`. Returns the source dir and those paths (relative to it).
+fn cbis_dicom_tree(tmp: &Path) -> (PathBuf, Vec<String>) {
     let src = tmp.join("src");
-    copy_dir(&fixture("cbis").join("source"), &src);
-    std::fs::remove_file(src.join("dicom_info.csv")).unwrap();
-    let csv = std::fs::read_to_string(src.join(cbis::MASS_TRAIN)).unwrap();
-    let dcm = csv
-        .split(['\n', ',', '"'])
-        .find(|f| f.ends_with("000000.dcm") && f.contains("_CC_5_1/"))
-        .unwrap()
-        .to_string();
-    std::fs::create_dir_all(src.join(&dcm).parent().unwrap()).unwrap();
-    (src, dcm)
+    std::fs::create_dir_all(&src).unwrap();
+    let mut crops = Vec::new();
+    for name in [
+        cbis::MASS_TRAIN,
+        cbis::CALC_TRAIN,
+        cbis::MASS_TEST,
+        cbis::CALC_TEST,
+    ] {
+        let from = fixture("cbis").join("source/csv").join(name);
+        std::fs::copy(&from, src.join(name)).unwrap();
+        let t = CsvTable::read(&from).unwrap();
+        let col = t.col("cropped image file path").unwrap();
+        for (_, rec) in &t.rows {
+            let rel = rec.get(col).unwrap().trim().to_string();
+            let path = src.join(&rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            write_test_dicom(&path);
+            crops.push(rel);
+        }
+    }
+    (src, crops)
 }
 
 #[test]
-fn cbis_dicom_crop_is_decoded() {
+fn cbis_dicom_crops_without_dicom_info() {
     let tmp = tempfile::tempdir().unwrap();
-    let (src, dcm) = cbis_with_dicom_crop(tmp.path());
-    write_test_dicom(&src.join(&dcm));
-    // Without an image cache the .dcm path itself is the image, and it loads as RGB.
+    let (src, crops) = cbis_dicom_tree(tmp.path());
+    // Without an image cache the .dcm paths themselves are the images, and they load as RGB.
     let out = tmp.path().join("out");
-    cbis::prepare(&src, &out, &PrepareOptions::default()).unwrap();
+    let summary = cbis::prepare(&src, &out, &PrepareOptions::default()).unwrap();
+    // Every training row with a known pathology is used (no dicom_info.csv to drop any): 12 + 11.
+    assert_eq!(summary.pairs["train"] + summary.pairs["val"], 23);
+    assert_eq!(summary.items["test"], 26);
     let pairs: Vec<Value> = [TRAIN_PAIRS, VAL_PAIRS]
         .iter()
         .flat_map(|f| read_jsonl(&out.join(f)))
         .collect();
-    let img = pairs
-        .iter()
-        .map(|p| p["image"].as_str().unwrap())
-        .find(|p| p.ends_with("000000.dcm"))
-        .expect("the DICOM crop is used");
+    let img = pairs[0]["image"].as_str().unwrap();
+    assert!(img.ends_with(&crops[0]), "{img}");
     let rgb = lvlm_ift::data::image::load_rgb(Path::new(img)).unwrap();
     assert_eq!(rgb.dimensions(), (8, 4));
     assert_eq!(rgb.get_pixel(0, 0).0, [0, 0, 0]);
     assert_eq!(rgb.get_pixel(7, 3).0, [255, 255, 255]);
-    // With an image cache it is letterboxed like the PNG crops.
+    // With an image cache they are letterboxed like the JPEG crops.
     let cached = tmp.path().join("cached");
     let opts = PrepareOptions {
         image_cache: Some(16),
     };
     cbis::prepare(&src, &cached, &opts).unwrap();
     let n = std::fs::read_dir(cached.join("images")).unwrap().count();
-    assert_eq!(n, 21 + 1 + 7);
+    assert_eq!(n, 23 + 7);
 }
 
 #[test]
 fn cbis_corrupt_dicom_is_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
-    let (src, dcm) = cbis_with_dicom_crop(tmp.path());
-    std::fs::write(src.join(&dcm), b"DICM").unwrap();
+    let (src, crops) = cbis_dicom_tree(tmp.path());
+    std::fs::write(src.join(&crops[1]), b"DICM").unwrap();
     let err = cbis::prepare(&src, &tmp.path().join("out"), &PrepareOptions::default())
         .unwrap_err()
         .to_string();
     assert!(err.contains("cannot decode image"), "{err}");
-    assert!(err.contains("000000.dcm"), "{err}");
+    assert!(err.contains(&crops[1]), "{err}");
     assert!(err.contains(cbis::MASS_TRAIN), "{err}");
 }
 
@@ -241,7 +296,7 @@ fn cbis_missing_column_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     copy_dir(&fixture("cbis").join("source"), &src);
-    let p = src.join(cbis::CALC_TEST);
+    let p = src.join("csv").join(cbis::CALC_TEST);
     let csv = std::fs::read_to_string(&p)
         .unwrap()
         .replacen("calc distribution", "calc_distrib", 1);

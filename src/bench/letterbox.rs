@@ -12,6 +12,7 @@ use std::path::Path;
 use image::imageops::FilterType;
 use image::{DynamicImage, GenericImage, ImageBuffer, Luma, Rgb};
 
+use crate::data::dicom::load_dicom_gray8;
 use crate::error::{Error, Result};
 
 /// Scaled size `(w', h')` of a `w`×`h` image letterboxed into `size`×`size`.
@@ -46,12 +47,20 @@ pub fn letterbox(img: &DynamicImage, size: u32) -> DynamicImage {
 }
 
 /// Read `src`, letterbox it to `size`×`size`, write it to `dst` (format from `dst`'s extension,
-/// parent directories created).
+/// parent directories created). A `.dcm` source is decoded to 8-bit grey with
+/// [`load_dicom_gray8`]'s windowing.
 pub fn letterbox_file(src: &Path, dst: &Path, size: u32) -> Result<()> {
-    let img = image::open(src).map_err(|e| Error::Image {
-        path: src.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let is_dicom = src
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("dcm"));
+    let img = if is_dicom {
+        DynamicImage::ImageLuma8(load_dicom_gray8(src)?)
+    } else {
+        image::open(src).map_err(|e| Error::Image {
+            path: src.to_path_buf(),
+            reason: e.to_string(),
+        })?
+    };
     let out = letterbox(&img, size);
     if let Some(parent) = dst.parent() {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;

@@ -18,8 +18,9 @@
 //!   ([`FINDINGS`]; `No Finding` is not itself a finding), joined with ", "; `"no finding"` when
 //!   there is none;
 //! - uncertain labels follow [`Uncertain`] (default [`Uncertain::ExcludeFromQuestions`]: the study keeps
-//!   its pair, described by its positives only, but gets no question; it is listed in
-//!   `summary.skipped` with reason "uncertain ...: pair kept, no question").
+//!   its pair, described by its positives only, but gets no `findings` question; it is listed in
+//!   `summary.skipped` with reason "uncertain ...: pair kept, no question" — or, with yes/no
+//!   questions on, "uncertain ...: pair kept, no findings question, no yes/no question for those").
 //!
 //! **Outputs.** train studies -> `train.jsonl`; validate studies -> `val.jsonl` and `mcq_val.jsonl`;
 //! test studies -> `mcq_test.jsonl`.
@@ -29,7 +30,17 @@
 //! `PyRandom::new(1)` seeded afresh for each file (val, test), consumed in CheXpert file order. The
 //! pool is the sorted list of the distinct descriptions of all usable studies of all splits (those with
 //! a split and a frontal image, including ones without a question). Item id `mimic-cxr-s{study}`.
-//! Optional per-finding yes/no questions (METHOD.md) are not built yet.
+//!
+//! **Yes/no questions** (optional, [`MimicOptions::yes_no`], off by default). Every usable val/test
+//! study also gets, right after its `findings` item (if it has one), one item per finding in
+//! [`FINDINGS`] order: key `presence of {finding lower-cased}` (asked "What is the presence of
+//! pleural effusion?"), options `["yes", "no"]` in that order (no shuffle, no random draw, so the
+//! `findings` items are the same with or without them), answer `yes` for a positive label, `no` for
+//! a negative one (empty or `0`). An uncertain label is `no` under [`Uncertain::Negative`], `yes` under
+//! [`Uncertain::Positive`], and under [`Uncertain::ExcludeFromQuestions`] gets no yes/no item for
+//! *that finding only*: the study's other findings are still asked (unlike the `findings` question,
+//! which is dropped for the whole study). Item id `mimic-cxr-s{study}-{finding lower-cased, spaces
+//! -> _}`, e.g. `mimic-cxr-s53186264-pleural_effusion`; same image as the study's `findings` item.
 //!
 //! **Images.** With `opts.image_cache = Some(n)`, letterboxed n×n copies go to
 //! `OUT/images/{dicom_id}.png` (paths relative to OUT); else outputs hold absolute source paths.
@@ -88,11 +99,19 @@ pub const FINDINGS: [&str; 13] = [
 pub const NO_FINDING: &str = "no finding";
 pub const KEY: &str = "findings";
 pub const DISTRACTORS: usize = 4;
+/// Options of a yes/no item, in the order shown.
+pub const YES_NO: [&str; 2] = ["yes", "no"];
+
+/// The key of the yes/no item about `finding` (a [`FINDINGS`] name): `presence of {lower-cased}`.
+pub fn yes_no_key(finding: &str) -> String {
+    format!("presence of {}", finding.to_lowercase())
+}
 
 /// What an uncertain (`-1.0`) label means.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Uncertain {
-    /// Description from positives only; the study gets no question (default).
+    /// Description from positives only; the study gets no `findings` question, and no yes/no
+    /// question about the uncertain finding(s) (default).
     #[default]
     ExcludeFromQuestions,
     /// Uncertain = negative; the study is asked like any other.
@@ -105,6 +124,8 @@ pub enum Uncertain {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MimicOptions {
     pub uncertain: Uncertain,
+    /// Also ask one yes/no question per finding of each val/test study (module docs).
+    pub yes_no: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -139,6 +160,8 @@ struct Study {
     image: PathBuf,
     description: String,
     asked: bool,
+    /// The [`FINDINGS`] labels, in that order.
+    findings: Vec<Label>,
 }
 
 /// [`prepare_with`] with the default [`MimicOptions`].
@@ -267,10 +290,15 @@ pub fn prepare_with(
         let excluded = mimic.uncertain == Uncertain::ExcludeFromQuestions && !uncertain.is_empty();
         let asked = split != "train" && !excluded;
         if split != "train" && !asked {
+            let what = if mimic.yes_no {
+                "no findings question, no yes/no question for those"
+            } else {
+                "no question"
+            };
             skipped.push(Skipped {
                 source: at.clone(),
                 reason: format!(
-                    "study s{study}: uncertain {}: pair kept, no question",
+                    "study s{study}: uncertain {}: pair kept, {what}",
                     uncertain.join(", ")
                 ),
             });
@@ -293,6 +321,11 @@ pub fn prepare_with(
             image,
             description,
             asked,
+            findings: labels
+                .iter()
+                .filter(|(n, _)| FINDINGS.contains(n))
+                .map(|(_, l)| *l)
+                .collect(),
         });
     }
     if !missing.is_empty() {
@@ -346,28 +379,23 @@ pub fn prepare_with(
     let items = |split: &str| -> Vec<McqItem> {
         let mut rng = PyRandom::new(1);
         let mut out = Vec::new();
-        for s in studies.iter().filter(|s| s.split == split && s.asked) {
-            let others: Vec<String> = pool
-                .iter()
-                .filter(|p| **p != s.description)
-                .cloned()
-                .collect();
-            let k = DISTRACTORS.min(others.len());
-            let mut options = vec![s.description.clone()];
-            options.extend(rng.sample(&others, k).expect("k <= len"));
-            rng.shuffle(&mut options);
-            let answer = options.iter().position(|o| *o == s.description).unwrap();
-            out.push(McqItem {
-                id: format!("mimic-cxr-s{}", s.study),
-                image: images[&s.study].clone(),
-                key: KEY.to_string(),
-                options,
-                answer,
-                source: Some(format!(
-                    "mimic-cxr {split} subject p{} study s{} dicom {}",
-                    s.subject, s.study, s.dicom
-                )),
-            });
+        for s in studies.iter().filter(|s| s.split == split) {
+            let source = format!(
+                "mimic-cxr {split} subject p{} study s{} dicom {}",
+                s.subject, s.study, s.dicom
+            );
+            if s.asked {
+                out.push(findings_item(
+                    s,
+                    &pool,
+                    &mut rng,
+                    &images[&s.study],
+                    &source,
+                ));
+            }
+            if mimic.yes_no {
+                out.extend(yes_no_items(s, mimic.uncertain, &images[&s.study], &source));
+            }
         }
         out
     };
@@ -376,6 +404,57 @@ pub fn prepare_with(
     summary.skipped = skipped;
     write_outputs(out, &train, &val, &mcq_val, &mcq_test, &mut summary)?;
     Ok(summary)
+}
+
+/// The study's `findings` item: truth + distractors from `pool`, shuffled with `rng`.
+fn findings_item(
+    s: &Study,
+    pool: &[String],
+    rng: &mut PyRandom,
+    image: &str,
+    source: &str,
+) -> McqItem {
+    let others: Vec<String> = pool
+        .iter()
+        .filter(|p| **p != s.description)
+        .cloned()
+        .collect();
+    let k = DISTRACTORS.min(others.len());
+    let mut options = vec![s.description.clone()];
+    options.extend(rng.sample(&others, k).expect("k <= len"));
+    rng.shuffle(&mut options);
+    let answer = options.iter().position(|o| *o == s.description).unwrap();
+    McqItem {
+        id: format!("mimic-cxr-s{}", s.study),
+        image: image.to_string(),
+        key: KEY.to_string(),
+        options,
+        answer,
+        source: Some(source.to_string()),
+    }
+}
+
+/// The study's yes/no items, one per finding in [`FINDINGS`] order (module docs); an uncertain
+/// label under [`Uncertain::ExcludeFromQuestions`] skips that finding only.
+fn yes_no_items(s: &Study, uncertain: Uncertain, image: &str, source: &str) -> Vec<McqItem> {
+    let mut out = Vec::new();
+    for (finding, &label) in FINDINGS.iter().zip(&s.findings) {
+        let yes = match (label, uncertain) {
+            (Label::Pos, _) | (Label::Unc, Uncertain::Positive) => true,
+            (Label::Neg, _) | (Label::Unc, Uncertain::Negative) => false,
+            (Label::Unc, Uncertain::ExcludeFromQuestions) => continue,
+        };
+        let name = finding.to_lowercase();
+        out.push(McqItem {
+            id: format!("mimic-cxr-s{}-{}", s.study, name.replace(' ', "_")),
+            image: image.to_string(),
+            key: yes_no_key(finding),
+            options: YES_NO.iter().map(|o| o.to_string()).collect(),
+            answer: if yes { 0 } else { 1 },
+            source: Some(format!("{source} finding {finding}")),
+        });
+    }
+    out
 }
 
 #[cfg(test)]

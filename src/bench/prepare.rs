@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::data::csv_line::position_line;
 use crate::error::{Error, Result};
 use crate::eval::mcq::McqItem;
 use crate::train::checkpoint::write_atomic;
@@ -105,41 +106,9 @@ pub fn write_outputs(
     write_atomic(&out.join(SUMMARY), json.as_bytes())
 }
 
-/// A label file opened for reading, with its header row.
-pub struct CsvFile {
-    pub path: PathBuf,
-    pub reader: csv::Reader<std::fs::File>,
-    pub headers: Vec<String>,
-}
-
-impl CsvFile {
-    /// Open a released CSV (rectangular rows) and read its header; errors name the file.
-    pub fn open(path: &Path) -> Result<Self> {
-        let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let mut reader = csv::ReaderBuilder::new().flexible(false).from_reader(f);
-        let headers = reader
-            .headers()
-            .map_err(|e| csv_error(path, e))?
-            .iter()
-            .map(str::to_string)
-            .collect();
-        Ok(Self {
-            path: path.to_path_buf(),
-            reader,
-            headers,
-        })
-    }
-
-    /// Index of a required column, or an error naming it, the file and the columns found.
-    pub fn column(&self, name: &str) -> Result<usize> {
-        self.headers
-            .iter()
-            .position(|h| h == name)
-            .ok_or_else(|| missing_column(&self.path, name, &self.headers))
-    }
-}
-
-/// A CSV read whole: trimmed header names and `(line, record)` per data row.
+/// A released label file read whole: trimmed header names (a UTF-8 BOM dropped) and
+/// `(line, record)` per data row, every row with the header's number of fields. Errors name the
+/// file and the line ([`crate::data::csv_line`]: right for CRLF files and quoted newlines too).
 pub struct CsvTable {
     pub path: PathBuf,
     pub headers: Vec<String>,
@@ -148,9 +117,25 @@ pub struct CsvTable {
 
 impl CsvTable {
     pub fn read(path: &Path) -> Result<CsvTable> {
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let mut rdr = csv::ReaderBuilder::new().flexible(true).from_reader(file);
-        let csv_err = |e: csv::Error| csv_error(path, e);
+        let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let mut rdr = csv::ReaderBuilder::new()
+            .flexible(false)
+            .from_reader(data.as_slice());
+        let csv_err = |e: csv::Error| {
+            let line = position_line(&data, e.position());
+            let reason = match e.kind() {
+                csv::ErrorKind::UnequalLengths {
+                    expected_len, len, ..
+                } => format!("line {line}: the row has {len} field(s), the header {expected_len}"),
+                csv::ErrorKind::Utf8 { .. } => format!("line {line}: not valid UTF-8"),
+                _ => format!("line {line}: {e}"),
+            };
+            Error::Config {
+                path: path.to_path_buf(),
+                key: "csv".into(),
+                reason,
+            }
+        };
         let headers: Vec<String> = rdr
             .headers()
             .map_err(csv_err)?
@@ -160,8 +145,7 @@ impl CsvTable {
         let mut rows = Vec::new();
         for rec in rdr.records() {
             let rec = rec.map_err(csv_err)?;
-            let line = rec.position().map(|p| p.line()).unwrap_or(0);
-            rows.push((line, rec));
+            rows.push((position_line(&data, rec.position()), rec));
         }
         Ok(CsvTable {
             path: path.to_path_buf(),
@@ -194,13 +178,15 @@ pub fn field(rec: &csv::StringRecord, i: usize) -> &str {
     rec.get(i).unwrap_or("")
 }
 
-/// A malformed CSV record, naming the file.
-pub fn csv_error(path: &Path, e: csv::Error) -> Error {
-    Error::Config {
-        path: path.to_path_buf(),
-        key: "csv".into(),
-        reason: e.to_string(),
-    }
+/// The strings pandas' `read_csv` reads as NaN by default (`na_values`), compared with the raw
+/// cell. The reference scripts read the released CSVs with pandas, so a cell such as `N/A` is a
+/// missing value there, and must be one here too.
+pub fn is_pandas_na(raw: &str) -> bool {
+    const NA: [&str; 19] = [
+        "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+        "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null",
+    ];
+    NA.contains(&raw)
 }
 
 /// A required column is missing: name it, the file, and the columns found.

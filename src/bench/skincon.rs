@@ -31,8 +31,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use super::prepare::{
-    csv_error, display_path, write_outputs, CsvFile, PairRecord, PrepareOptions, PrepareSummary,
-    Skipped,
+    display_path, write_outputs, CsvTable, PairRecord, PrepareOptions, PrepareSummary, Skipped,
 };
 use super::pyrandom::PyRandom;
 use super::wbcatt::cache_letterboxed;
@@ -96,9 +95,9 @@ pub fn read_annotations(file: &Path) -> Result<Annotations> {
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let csv_file = CsvFile::open(file)?;
-    let col = |name: &str| csv_file.column(name);
-    let headers = csv_file.headers.clone();
+    let table = CsvTable::read(file)?;
+    let col = |name: &str| table.col(name);
+    let headers = table.headers.clone();
     let id_i = col(ID_COLUMN)?;
     let flag_i = col(FLAG_COLUMN)?;
     let concept_cols: Vec<usize> = (0..headers.len())
@@ -112,10 +111,8 @@ pub fn read_annotations(file: &Path) -> Result<Annotations> {
         ..Default::default()
     };
     let mut seen: HashMap<String, u64> = HashMap::new();
-    let mut rdr = csv_file.reader;
-    for rec in rdr.records() {
-        let rec = rec.map_err(|e| csv_error(file, e))?;
-        let line = rec.position().map(|p| p.line()).unwrap_or(0);
+    for (line, rec) in &table.rows {
+        let line = *line;
         let source = format!("{fname}:{line}");
         let image_id = rec.get(id_i).unwrap_or("").to_string();
         let flag = rec.get(flag_i).unwrap_or("");

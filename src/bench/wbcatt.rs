@@ -30,8 +30,7 @@ use image::imageops::FilterType;
 use image::{ImageFormat, RgbImage};
 
 use super::prepare::{
-    csv_error, display_path, write_outputs, CsvFile, PairRecord, PrepareOptions, PrepareSummary,
-    Skipped,
+    display_path, write_outputs, CsvTable, PairRecord, PrepareOptions, PrepareSummary, Skipped,
 };
 use super::pyrandom::PyRandom;
 use crate::error::{Error, Result};
@@ -172,8 +171,8 @@ pub fn pick_key(values: &[String; 12], rng: &mut PyRandom) -> Option<&'static st
 
 /// Read one split file, checking its columns.
 pub fn read_rows(file: &Path) -> Result<Vec<Row>> {
-    let csv_file = CsvFile::open(file)?;
-    let col = |name: &str| csv_file.column(name);
+    let table = CsvTable::read(file)?;
+    let col = |name: &str| table.col(name);
     for c in COLUMNS {
         col(c)?;
     }
@@ -184,10 +183,8 @@ pub fn read_rows(file: &Path) -> Result<Vec<Row>> {
         .map(|k| col(k))
         .collect::<Result<_>>()?;
     let mut rows = Vec::new();
-    let mut rdr = csv_file.reader;
-    for rec in rdr.records() {
-        let rec = rec.map_err(|e| csv_error(file, e))?;
-        let line = rec.position().map(|p| p.line()).unwrap_or(0);
+    for (line, rec) in &table.rows {
+        let line = *line;
         let get = |i: usize| rec.get(i).unwrap_or("").to_string();
         let values: [String; 12] = std::array::from_fn(|j| get(attr_i[j]));
         rows.push(Row {

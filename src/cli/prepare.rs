@@ -1,5 +1,8 @@
-//! `lvlm-ift prepare --benchmark B --source DIR --out DIR [--image-cache PX]`: turn a benchmark's
-//! released label files into training pairs and MCQ sets (layout: `crate::bench::prepare`).
+//! `lvlm-ift prepare --benchmark B --source DIR --out DIR [--image-cache PX]
+//! [--mimic-uncertain exclude|negative|positive] [--mimic-yes-no]`: turn a benchmark's released label
+//! files into training pairs and MCQ sets (layout: `crate::bench::prepare`). The `--mimic-*` flags
+//! apply to `--benchmark mimic-cxr` only (`crate::bench::mimic_cxr`); with another benchmark they are
+//! an error.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -7,6 +10,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 
+use crate::bench::mimic_cxr::{MimicOptions, Uncertain};
 use crate::bench::prepare::{PrepareOptions, PrepareSummary};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -15,6 +19,27 @@ pub enum Benchmark {
     Cbis,
     Skincon,
     MimicCxr,
+}
+
+/// `--mimic-uncertain`: what an uncertain (`-1.0`) CheXpert label means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MimicUncertain {
+    /// No `findings` question for the study, no yes/no question for that finding (default).
+    Exclude,
+    /// Uncertain = negative.
+    Negative,
+    /// Uncertain = positive.
+    Positive,
+}
+
+impl From<MimicUncertain> for Uncertain {
+    fn from(u: MimicUncertain) -> Self {
+        match u {
+            MimicUncertain::Exclude => Uncertain::ExcludeFromQuestions,
+            MimicUncertain::Negative => Uncertain::Negative,
+            MimicUncertain::Positive => Uncertain::Positive,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -32,9 +57,45 @@ pub struct PrepareArgs {
     /// them (METHOD uses 560).
     #[arg(long, value_name = "PX", value_parser = clap::value_parser!(u32).range(1..=8192))]
     image_cache: Option<u32>,
+    /// mimic-cxr only: what an uncertain (-1.0) CheXpert label means [default: exclude].
+    #[arg(long, value_enum, value_name = "POLICY")]
+    mimic_uncertain: Option<MimicUncertain>,
+    /// mimic-cxr only: also ask one yes/no question per CheXpert finding of each val/test study
+    /// (key "presence of {finding}").
+    #[arg(long)]
+    mimic_yes_no: bool,
+}
+
+/// The MIMIC settings from the flags; an error naming the flag if one is given for another
+/// benchmark.
+fn mimic_options(args: &PrepareArgs) -> anyhow::Result<MimicOptions> {
+    if args.benchmark != Benchmark::MimicCxr {
+        let given = [
+            ("--mimic-uncertain", args.mimic_uncertain.is_some()),
+            ("--mimic-yes-no", args.mimic_yes_no),
+        ];
+        if let Some((flag, _)) = given.iter().find(|(_, on)| *on) {
+            let name = args
+                .benchmark
+                .to_possible_value()
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_else(|| format!("{:?}", args.benchmark));
+            anyhow::bail!(
+                "{flag} applies only to --benchmark mimic-cxr, not --benchmark {name}; drop it"
+            );
+        }
+    }
+    Ok(MimicOptions {
+        uncertain: args
+            .mimic_uncertain
+            .map(Uncertain::from)
+            .unwrap_or_default(),
+        yes_no: args.mimic_yes_no,
+    })
 }
 
 pub fn run(args: PrepareArgs) -> anyhow::Result<()> {
+    let mimic = mimic_options(&args)?;
     let opts = PrepareOptions {
         image_cache: args.image_cache,
     };
@@ -42,7 +103,7 @@ pub fn run(args: PrepareArgs) -> anyhow::Result<()> {
     let (src, out) = (args.source.as_path(), args.out.as_path());
     let summary = match args.benchmark {
         Benchmark::Cbis => crate::bench::cbis::prepare(src, out, &opts),
-        Benchmark::MimicCxr => crate::bench::mimic_cxr::prepare(src, out, &opts),
+        Benchmark::MimicCxr => crate::bench::mimic_cxr::prepare_with(src, out, &opts, &mimic),
         Benchmark::Wbcatt => crate::bench::wbcatt::prepare(src, out, &opts),
         Benchmark::Skincon => crate::bench::skincon::prepare(src, out, &opts),
     }

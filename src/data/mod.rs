@@ -2,6 +2,7 @@
 
 pub mod batch;
 pub mod collate;
+pub mod csv_line;
 pub mod dicom;
 pub mod image;
 pub mod loader;

@@ -1,6 +1,7 @@
 //! CSV manifests: a header row with `image` and `text` (or `description`) columns.
 
 use super::{check_fields, RawRow};
+use crate::data::csv_line::position_line;
 
 pub(super) fn parse_csv(file: &str, bytes: &[u8]) -> Vec<(String, RawRow)> {
     let mut rdr = csv::ReaderBuilder::new()
@@ -54,7 +55,7 @@ pub(super) fn parse_csv(file: &str, bytes: &[u8]) -> Vec<(String, RawRow)> {
         match rdr.read_byte_record(&mut rec) {
             Ok(false) => break,
             Ok(true) => {
-                let line = rec.position().map_or(0, |p| p.line());
+                let line = position_line(bytes, rec.position());
                 let loc = format!("{file}:{line}");
                 let field = |i: usize, name: &str| -> std::result::Result<String, String> {
                     match rec.get(i) {
@@ -87,7 +88,7 @@ pub(super) fn parse_csv(file: &str, bytes: &[u8]) -> Vec<(String, RawRow)> {
             Err(e) => {
                 // Reading from memory, so this is a malformed record rather than I/O; the parser
                 // cannot resynchronise reliably, so stop here (the problem is still reported).
-                let line = e.position().map_or(0, |p| p.line());
+                let line = position_line(bytes, e.position());
                 rows.push((
                     format!("{file}:{line}"),
                     Err(vec![format!("cannot parse CSV: {e}")]),
