@@ -9,10 +9,12 @@
 //!   `summary.skipped`.
 //! * Description = the lower-cased names of the concepts equal to 1, in CSV column order, joined with
 //!   `", "`. Concept columns are every column except the index column, `ImageID` and the flag. The
-//!   leading index column is read as an index, not a concept: the reference read it as a concept
-//!   named `unnamed: 0`, so its released pool has 808 strings, one carrying that artefact; here the
-//!   artefact is dropped (on the released data the pool can therefore differ from the reference's by
-//!   that one string, which shifts the distractor draws of items whose pool position follows it).
+//!   leading index column is read as an index, not a concept (METHOD.md). The reference read it as
+//!   a concept named `unnamed: 0` (pandas' name for the empty header), so the image with index 1
+//!   carries that artefact and its released pool has 808 strings, one of them with it; on the
+//!   released data dropping it moves that string in the sorted pool, which changes the distractor
+//!   draws that land after it. [`SkinconOptions::index_as_concept`] (`--skincon-index-as-concept`)
+//!   reads it the reference's way and reproduces its items exactly.
 //! * Split: the sorted list of usable image ids is shuffled with `PyRandom::new(0)`; the first
 //!   `int(0.1 * n)` ids are val, the next `int(0.1 * n)` test, the rest train (Python's float
 //!   product truncated, as `int(0.1 * n)` does). The reference repeats train x3: that is a
@@ -89,8 +91,23 @@ fn binary(v: &str) -> Option<bool> {
     }
 }
 
-/// Read the annotation CSV.
+/// SKINCON-specific settings.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SkinconOptions {
+    /// Read the leading index column as a concept named `unnamed: 0`, as the reference did: the
+    /// image whose index is 1 gets `unnamed: 0` in its description and the pool carries that string
+    /// (808 strings on the released data). Off by default (METHOD.md: an index, not a concept); on,
+    /// it reproduces the reference's descriptions, pool and option draws exactly.
+    pub index_as_concept: bool,
+}
+
+/// Read the annotation CSV (the index column read as an index).
 pub fn read_annotations(file: &Path) -> Result<Annotations> {
+    read_annotations_with(file, &SkinconOptions::default())
+}
+
+/// Read the annotation CSV with `skin`'s settings.
+pub fn read_annotations_with(file: &Path, skin: &SkinconOptions) -> Result<Annotations> {
     let fname = file
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
@@ -100,10 +117,18 @@ pub fn read_annotations(file: &Path) -> Result<Annotations> {
     let headers = table.headers.clone();
     let id_i = col(ID_COLUMN)?;
     let flag_i = col(FLAG_COLUMN)?;
+    let index_col = (!headers.is_empty() && is_index_column(&headers[0])).then_some(0);
     let concept_cols: Vec<usize> = (0..headers.len())
-        .filter(|&i| i != id_i && i != flag_i && !(i == 0 && is_index_column(&headers[i])))
+        .filter(|&i| i != id_i && i != flag_i && (Some(i) != index_col || skin.index_as_concept))
         .collect();
-    let concepts: Vec<String> = concept_cols.iter().map(|&i| headers[i].clone()).collect();
+    // pandas names an empty header `Unnamed: {position}`.
+    let concepts: Vec<String> = concept_cols
+        .iter()
+        .map(|&i| match headers[i].as_str() {
+            "" => format!("Unnamed: {i}"),
+            h => h.to_string(),
+        })
+        .collect();
     let lower: Vec<String> = concepts.iter().map(|c| c.to_lowercase()).collect();
 
     let mut out = Annotations {
@@ -151,6 +176,13 @@ pub fn read_annotations(file: &Path) -> Result<Annotations> {
         let mut bad = None;
         for (j, &ci) in concept_cols.iter().enumerate() {
             let v = rec.get(ci).unwrap_or("");
+            if Some(ci) == index_col {
+                // The reference's `row == 1`: the index is a concept exactly when it equals 1.
+                if v.trim().parse::<f64>().ok() == Some(1.0) {
+                    parts.push(lower[j].as_str());
+                }
+                continue;
+            }
             match binary(v) {
                 Some(true) => parts.push(lower[j].as_str()),
                 Some(false) => {}
@@ -228,10 +260,20 @@ pub fn question_options(
 
 /// Build the SKINCON pairs and MCQ sets from `source` into `out` (layout in [`super::prepare`]).
 pub fn prepare(source: &Path, out: &Path, opts: &PrepareOptions) -> Result<PrepareSummary> {
+    prepare_with(source, out, opts, &SkinconOptions::default())
+}
+
+/// [`prepare`] with SKINCON-specific settings.
+pub fn prepare_with(
+    source: &Path,
+    out: &Path,
+    opts: &PrepareOptions,
+    skin: &SkinconOptions,
+) -> Result<PrepareSummary> {
     let source = source.canonicalize().map_err(|e| Error::io(source, e))?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let out = out.canonicalize().map_err(|e| Error::io(out, e))?;
-    let ann = read_annotations(&source.join(ANNOTATIONS))?;
+    let ann = read_annotations_with(&source.join(ANNOTATIONS), skin)?;
 
     let mut missing = Vec::new();
     let mut by_id: HashMap<String, (PathBuf, &Annotation)> = HashMap::new();

@@ -1,8 +1,8 @@
 //! `lvlm-ift prepare --benchmark B --source DIR --out DIR [--image-cache PX]
-//! [--mimic-uncertain exclude|negative|positive] [--mimic-yes-no]`: turn a benchmark's released label
-//! files into training pairs and MCQ sets (layout: `crate::bench::prepare`). The `--mimic-*` flags
-//! apply to `--benchmark mimic-cxr` only (`crate::bench::mimic_cxr`); with another benchmark they are
-//! an error.
+//! [--mimic-uncertain exclude|negative|positive] [--mimic-yes-no] [--skincon-index-as-concept]`: turn
+//! a benchmark's released label files into training pairs and MCQ sets (layout:
+//! `crate::bench::prepare`). The `--mimic-*` and `--skincon-*` flags apply to their benchmark only;
+//! with another one they are an error.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -12,6 +12,7 @@ use clap::{Args, ValueEnum};
 
 use crate::bench::mimic_cxr::{MimicOptions, Uncertain};
 use crate::bench::prepare::{PrepareOptions, PrepareSummary};
+use crate::bench::skincon::SkinconOptions;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Benchmark {
@@ -64,38 +65,64 @@ pub struct PrepareArgs {
     /// (key "presence of {finding}").
     #[arg(long)]
     mimic_yes_no: bool,
+    /// skincon only: read the annotation file's leading index column as a concept `unnamed: 0`,
+    /// as the reference did, to reproduce its descriptions, pool and options exactly.
+    #[arg(long)]
+    skincon_index_as_concept: bool,
 }
 
-/// The MIMIC settings from the flags; an error naming the flag if one is given for another
-/// benchmark.
-fn mimic_options(args: &PrepareArgs) -> anyhow::Result<MimicOptions> {
-    if args.benchmark != Benchmark::MimicCxr {
-        let given = [
-            ("--mimic-uncertain", args.mimic_uncertain.is_some()),
-            ("--mimic-yes-no", args.mimic_yes_no),
-        ];
-        if let Some((flag, _)) = given.iter().find(|(_, on)| *on) {
-            let name = args
-                .benchmark
-                .to_possible_value()
-                .map(|v| v.get_name().to_string())
-                .unwrap_or_else(|| format!("{:?}", args.benchmark));
-            anyhow::bail!(
-                "{flag} applies only to --benchmark mimic-cxr, not --benchmark {name}; drop it"
-            );
-        }
+/// The value name of a benchmark as typed on the command line.
+fn benchmark_name(b: Benchmark) -> String {
+    b.to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_else(|| format!("{b:?}"))
+}
+
+/// An error naming the first benchmark-specific flag given for another benchmark.
+fn refuse_foreign_flags(args: &PrepareArgs) -> anyhow::Result<()> {
+    let given = [
+        (
+            Benchmark::MimicCxr,
+            "--mimic-uncertain",
+            args.mimic_uncertain.is_some(),
+        ),
+        (Benchmark::MimicCxr, "--mimic-yes-no", args.mimic_yes_no),
+        (
+            Benchmark::Skincon,
+            "--skincon-index-as-concept",
+            args.skincon_index_as_concept,
+        ),
+    ];
+    if let Some((owner, flag, _)) = given
+        .iter()
+        .find(|(owner, _, on)| *on && *owner != args.benchmark)
+    {
+        anyhow::bail!(
+            "{flag} applies only to --benchmark {}, not --benchmark {}; drop it",
+            benchmark_name(*owner),
+            benchmark_name(args.benchmark)
+        );
     }
-    Ok(MimicOptions {
+    Ok(())
+}
+
+/// The MIMIC settings from the flags.
+fn mimic_options(args: &PrepareArgs) -> MimicOptions {
+    MimicOptions {
         uncertain: args
             .mimic_uncertain
             .map(Uncertain::from)
             .unwrap_or_default(),
         yes_no: args.mimic_yes_no,
-    })
+    }
 }
 
 pub fn run(args: PrepareArgs) -> anyhow::Result<()> {
-    let mimic = mimic_options(&args)?;
+    refuse_foreign_flags(&args)?;
+    let mimic = mimic_options(&args);
+    let skin = SkinconOptions {
+        index_as_concept: args.skincon_index_as_concept,
+    };
     let opts = PrepareOptions {
         image_cache: args.image_cache,
     };
@@ -105,7 +132,7 @@ pub fn run(args: PrepareArgs) -> anyhow::Result<()> {
         Benchmark::Cbis => crate::bench::cbis::prepare(src, out, &opts),
         Benchmark::MimicCxr => crate::bench::mimic_cxr::prepare_with(src, out, &opts, &mimic),
         Benchmark::Wbcatt => crate::bench::wbcatt::prepare(src, out, &opts),
-        Benchmark::Skincon => crate::bench::skincon::prepare(src, out, &opts),
+        Benchmark::Skincon => crate::bench::skincon::prepare_with(src, out, &opts, &skin),
     }
     .with_context(|| {
         format!(
