@@ -14,37 +14,13 @@ Requires Pillow (scripts/requirements-fixtures.txt). Run from the repository roo
     python3 scripts/make_bench_fixtures_cbis.py
 """
 import csv
-import json
 import os
 import random
 import shutil
 
 from PIL import Image
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "bench")
-
-
-def write_csv(path, header, rows):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        for r in rows:
-            w.writerow(r)
-
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-
-
-def grey(path, w, h, v):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    img = Image.new("L", (w, h), v)
-    for x in range(min(w, h)):
-        img.putpixel((x, x), 255 - v)
-    img.save(path)
+from bench_fixture_util import ROOT, grey, write_csv, write_jsonl
 
 
 # ----------------------------------------------------------------------------------------------- CBIS
@@ -114,19 +90,11 @@ PANDAS_NA = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan
              "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
 
 
-def jpeg(path, w, h, v):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    img = Image.new("L", (w, h), v)
-    for x in range(min(w, h)):
-        img.putpixel((x, x), 255 - v)
-    img.save(path, quality=90)
-
-
 def cbis_fixture():
     """The Kaggle layout: source/csv/*.csv (case descriptions + dicom_info.csv), source/jpeg/<uid>/."""
     base = os.path.join(ROOT, "cbis")
     src = os.path.join(base, "source")
-    shutil.rmtree(base, ignore_errors=True)
+    shutil.rmtree(src, ignore_errors=True)  # reference/ (make_reference_items.py) stays
     info_rows = []
     files = [("mass_case_description_train_set.csv", MASS_HDR, MASS_TRAIN, "Mass-Training"),
              ("calc_case_description_train_set.csv", CALC_HDR, CALC_TRAIN, "Calc-Training"),
@@ -139,7 +107,7 @@ def cbis_fixture():
                           "ROI mask images", series, study])
         info_rows.append([f"CBIS-DDSM/dicom/{series}c.dcm", f"CBIS-DDSM/jpeg/{series}/1-{k}.jpg", case,
                           "cropped images", series, study])
-        jpeg(os.path.join(src, "jpeg", series, f"1-{k}.jpg"), 6 + (k % 5) * 3, 5 + (k % 3) * 4, 40 + k * 4)
+        grey(os.path.join(src, "jpeg", series, f"1-{k}.jpg"), 6 + (k % 5) * 3, 5 + (k % 3) * 4, 40 + k * 4, quality=90)
 
     for name, hdr, rows, prefix in files:
         out = []

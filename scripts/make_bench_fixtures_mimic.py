@@ -15,37 +15,13 @@ Requires Pillow (scripts/requirements-fixtures.txt). Run from the repository roo
     python3 scripts/make_bench_fixtures_mimic.py
 """
 import csv
-import json
 import os
 import random
 import shutil
 
 from PIL import Image
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "bench")
-
-
-def write_csv(path, header, rows):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        for r in rows:
-            w.writerow(r)
-
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-
-
-def grey(path, w, h, v):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    img = Image.new("L", (w, h), v)
-    for x in range(min(w, h)):
-        img.putpixel((x, x), 255 - v)
-    img.save(path)
+from bench_fixture_util import ROOT, grey, write_csv, write_jsonl
 
 
 # ------------------------------------------------------------------------------------------- MIMIC
@@ -78,7 +54,7 @@ STUDIES = [
 def mimic_fixture():
     base = os.path.join(ROOT, "mimic-cxr")
     src = os.path.join(base, "source")
-    shutil.rmtree(base, ignore_errors=True)
+    shutil.rmtree(src, ignore_errors=True)  # reference/ (make_reference_items.py) stays
     chex, split, meta = [], [], []
     for n, (subj, study, sp, views, labels) in enumerate(STUDIES):
         chex.append([subj, study] + [labels.get(c, "") for c in CHEX])

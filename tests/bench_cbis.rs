@@ -5,10 +5,10 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::bench::{abs_image, bench_fixture as fixture, compare, copy_dir, read_jsonl};
+use common::bench::{bench_fixture as fixture, compare_prepared, copy_dir, read_jsonl};
 use lvlm_ift::bench::cbis;
 use lvlm_ift::bench::prepare::{
-    CsvTable, PrepareOptions, MCQ_TEST, MCQ_VAL, SUMMARY, TRAIN_PAIRS, VAL_PAIRS,
+    CsvTable, PrepareOptions, MCQ_TEST, SUMMARY, TRAIN_PAIRS, VAL_PAIRS,
 };
 use serde_json::Value;
 
@@ -18,15 +18,7 @@ fn cbis_matches_python_items() {
     let src = base.join("source");
     let out = tempfile::tempdir().unwrap();
     let summary = cbis::prepare(&src, out.path(), &PrepareOptions::default()).unwrap();
-    let img = abs_image(&src);
-    for (file, exp) in [
-        (TRAIN_PAIRS, "expected_train.jsonl"),
-        (VAL_PAIRS, "expected_val.jsonl"),
-        (MCQ_VAL, "expected_mcq_val.jsonl"),
-        (MCQ_TEST, "expected_mcq_test.jsonl"),
-    ] {
-        compare(&out.path().join(file), &base.join(exp), &img);
-    }
+    compare_prepared(out.path(), &base, &src);
     // Split sizes: 2 of the 23 training patients of dicom_info.csv's crops are val (P_00048, and
     // P_00098, whose crop no row uses); the val patient's one ROI gives 4 items.
     assert_eq!(summary.pairs["train"], 21);

@@ -7,7 +7,9 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::bench::{abs_image, bench_fixture as fixture, compare, copy_dir, read_jsonl};
+use common::bench::{
+    abs_image, bench_fixture as fixture, compare, compare_prepared, copy_dir, read_jsonl,
+};
 use lvlm_ift::bench::mimic_cxr;
 use lvlm_ift::bench::prepare::{
     PrepareOptions, PrepareSummary, MCQ_TEST, MCQ_VAL, TRAIN_PAIRS, VAL_PAIRS,
@@ -19,15 +21,7 @@ fn mimic_matches_python_items() {
     let src = base.join("source");
     let out = tempfile::tempdir().unwrap();
     let summary = mimic_cxr::prepare(&src, out.path(), &PrepareOptions::default()).unwrap();
-    let img = abs_image(&src);
-    for (file, exp) in [
-        (TRAIN_PAIRS, "expected_train.jsonl"),
-        (VAL_PAIRS, "expected_val.jsonl"),
-        (MCQ_VAL, "expected_mcq_val.jsonl"),
-        (MCQ_TEST, "expected_mcq_test.jsonl"),
-    ] {
-        compare(&out.path().join(file), &base.join(exp), &img);
-    }
+    compare_prepared(out.path(), &base, &src);
     assert_eq!(summary.pairs["train"], 5);
     assert_eq!(summary.pairs["val"], 4);
     assert_eq!(summary.items["val"], 3);

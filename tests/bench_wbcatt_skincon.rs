@@ -1,26 +1,15 @@
 //! WBCAtt and SKINCON `prepare` against the items a Python implementation of the reference protocol
 //! makes from the same synthetic sources (`scripts/make_bench_fixtures_wbcatt_skincon.py`).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
+
+use common::bench::{bench_fixture as fixture, copy_dir, read_jsonl as jsonl};
 
 use lvlm_ift::bench::prepare::PrepareOptions;
 use lvlm_ift::bench::{skincon, wbcatt};
 use serde_json::Value;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/bench")
-        .join(name)
-}
-
-fn jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 /// Compare produced records with expected ones, the expected image paths being relative to `src`.
 fn assert_same(got: &[Value], want: &[Value], src: &Path, fields: &[&str], what: &str) {
@@ -34,19 +23,6 @@ fn assert_same(got: &[Value], want: &[Value], src: &Path, fields: &[&str], what:
         );
         for f in fields {
             assert_eq!(g[f], w[f], "{what}[{i}] {f}");
-        }
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dest = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dest);
-        } else {
-            std::fs::copy(e.path(), dest).unwrap();
         }
     }
 }

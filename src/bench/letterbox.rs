@@ -7,7 +7,7 @@
 //! `((size - w') / 2, (size - h') / 2)` (integer division). Grey images stay grey (8-bit luma), all
 //! others become 8-bit RGB.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use image::imageops::FilterType;
 use image::{DynamicImage, GenericImage, ImageBuffer, Luma, Rgb};
@@ -47,19 +47,24 @@ pub fn letterbox(img: &DynamicImage, size: u32) -> DynamicImage {
 }
 
 /// Read `src`, letterbox it to `size`×`size`, write it to `dst` (format from `dst`'s extension,
-/// parent directories created). A `.dcm` source is decoded to 8-bit grey with
-/// [`load_dicom_gray8`]'s windowing.
-pub fn letterbox_file(src: &Path, dst: &Path, size: u32) -> Result<()> {
+/// parent directories created). The source format is guessed from the content; a `.dcm` source is
+/// decoded to 8-bit grey with [`load_dicom_gray8`]'s windowing. Returns `dst`.
+pub fn letterbox_file(src: &Path, dst: &Path, size: u32) -> Result<PathBuf> {
     let is_dicom = src
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("dcm"));
     let img = if is_dicom {
         DynamicImage::ImageLuma8(load_dicom_gray8(src)?)
     } else {
-        image::open(src).map_err(|e| Error::Image {
-            path: src.to_path_buf(),
-            reason: e.to_string(),
-        })?
+        image::ImageReader::open(src)
+            .map_err(|e| Error::io(src, e))?
+            .with_guessed_format()
+            .map_err(|e| Error::io(src, e))?
+            .decode()
+            .map_err(|e| Error::Image {
+                path: src.to_path_buf(),
+                reason: e.to_string(),
+            })?
     };
     let out = letterbox(&img, size);
     if let Some(parent) = dst.parent() {
@@ -68,7 +73,8 @@ pub fn letterbox_file(src: &Path, dst: &Path, size: u32) -> Result<()> {
     out.save(dst).map_err(|e| Error::Image {
         path: dst.to_path_buf(),
         reason: format!("cannot write: {e}"),
-    })
+    })?;
+    Ok(dst.to_path_buf())
 }
 
 #[cfg(test)]

@@ -32,11 +32,11 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
+use super::letterbox::letterbox_file;
 use super::prepare::{
     display_path, write_outputs, CsvTable, PairRecord, PrepareOptions, PrepareSummary, Skipped,
 };
 use super::pyrandom::PyRandom;
-use super::wbcatt::cache_letterboxed;
 use crate::error::{Error, Result};
 use crate::eval::mcq::McqItem;
 
@@ -321,7 +321,7 @@ pub fn prepare_with(
                     .map(|s| s.to_string_lossy().into_owned())
                     .unwrap_or_default();
                 let name = format!("{BENCHMARK}/{split}/{:06}_{stem}.png", a.line);
-                cache_letterboxed(src, &out, &name, size)?
+                letterbox_file(src, &out.join("images").join(&name), size)?
             }
             None => src.clone(),
         };

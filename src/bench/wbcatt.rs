@@ -24,11 +24,9 @@
 //! images referenced by any of the three files but absent are listed together in one error.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use image::imageops::FilterType;
-use image::{ImageFormat, RgbImage};
-
+use super::letterbox::letterbox_file;
 use super::prepare::{
     display_path, write_outputs, CsvTable, PairRecord, PrepareOptions, PrepareSummary, Skipped,
 };
@@ -197,36 +195,6 @@ pub fn read_rows(file: &Path) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// A letterboxed `size`×`size` PNG copy of `src` at `out/images/{name}` (aspect kept, black
-/// padding). The format is guessed from the content, not the extension. Returns the written path.
-pub(crate) fn cache_letterboxed(src: &Path, out: &Path, name: &str, size: u32) -> Result<PathBuf> {
-    let img = image::ImageReader::open(src)
-        .map_err(|e| Error::io(src, e))?
-        .with_guessed_format()
-        .map_err(|e| Error::io(src, e))?
-        .decode()
-        .map_err(|e| Error::Image {
-            path: src.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-    let fitted = img.resize(size, size, FilterType::Triangle).to_rgb8();
-    let mut canvas = RgbImage::new(size, size);
-    let x = (size - fitted.width().min(size)) / 2;
-    let y = (size - fitted.height().min(size)) / 2;
-    image::imageops::overlay(&mut canvas, &fitted, i64::from(x), i64::from(y));
-    let dest = out.join("images").join(name);
-    if let Some(dir) = dest.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    canvas
-        .save_with_format(&dest, ImageFormat::Png)
-        .map_err(|e| Error::Image {
-            path: dest.clone(),
-            reason: e.to_string(),
-        })?;
-    Ok(dest)
-}
-
 /// Build the MCQ items of one file, consuming `rng` row by row. Rows that cannot be asked (unknown
 /// value for the asked key, every value `nil`) are appended to `skipped` as `file:line`.
 pub fn mcq_items(
@@ -319,7 +287,7 @@ pub fn prepare(source: &Path, out: &Path, opts: &PrepareOptions) -> Result<Prepa
                         .map(|s| s.to_string_lossy().into_owned())
                         .unwrap_or_default();
                     let name = format!("{BENCHMARK}/{split}/{:06}_{stem}.png", r.line);
-                    cache_letterboxed(&src, &out, &name, size)?
+                    letterbox_file(&src, &out.join("images").join(&name), size)?
                 }
                 None => src,
             };

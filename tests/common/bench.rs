@@ -41,6 +41,20 @@ pub fn compare(actual: &Path, expected: &Path, image: &dyn Fn(&str) -> String) {
     }
 }
 
+/// Compare the four prepared files in `out` with `base/expected_{train,val,mcq_val,mcq_test}.jsonl`,
+/// whose image paths are relative to `src` (outputs written without an image cache).
+pub fn compare_prepared(out: &Path, base: &Path, src: &Path) {
+    let img = abs_image(src);
+    for (file, exp) in [
+        ("train.jsonl", "expected_train.jsonl"),
+        ("val.jsonl", "expected_val.jsonl"),
+        ("mcq_val.jsonl", "expected_mcq_val.jsonl"),
+        ("mcq_test.jsonl", "expected_mcq_test.jsonl"),
+    ] {
+        compare(&out.join(file), &base.join(exp), &img);
+    }
+}
+
 /// Map an image path relative to `src` to the absolute path `prepare` writes without a cache.
 pub fn abs_image(src: &Path) -> impl Fn(&str) -> String {
     let abs = std::path::absolute(src).unwrap();
