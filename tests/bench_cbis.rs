@@ -6,6 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::bench::{bench_fixture as fixture, compare_prepared, copy_dir, read_jsonl};
+use common::dicom::{write_dcm, Pixels};
 use lvlm_ift::bench::cbis;
 use lvlm_ift::bench::prepare::{
     CsvTable, PrepareOptions, MCQ_TEST, SUMMARY, TRAIN_PAIRS, VAL_PAIRS,
@@ -171,46 +172,10 @@ fn cbis_row_patient_must_match_its_case() {
     );
 }
 
-/// Writes a small 16-bit MONOCHROME2 DICOM (explicit VR little endian) holding a ramp.
+/// A small 16-bit MONOCHROME2 DICOM holding a ramp (8x4, no window: min-max maps it to 0..255).
 fn write_test_dicom(path: &Path) {
-    use dicom_core::{DataElement, PrimitiveValue, VR};
-    use dicom_dictionary_std::{tags, uids};
-    use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
-    let (cols, rows) = (8u16, 4u16);
-    let mut obj = InMemDicomObject::new_empty();
-    let us = |t, v: u16| DataElement::new(t, VR::US, PrimitiveValue::from(v));
-    obj.put(DataElement::new(
-        tags::SOP_CLASS_UID,
-        VR::UI,
-        PrimitiveValue::from(uids::SECONDARY_CAPTURE_IMAGE_STORAGE),
-    ));
-    obj.put(DataElement::new(
-        tags::SOP_INSTANCE_UID,
-        VR::UI,
-        PrimitiveValue::from("1.2.826.0.1.3680043.2.1125.2"),
-    ));
-    obj.put(us(tags::ROWS, rows));
-    obj.put(us(tags::COLUMNS, cols));
-    obj.put(us(tags::SAMPLES_PER_PIXEL, 1));
-    obj.put(us(tags::BITS_ALLOCATED, 16));
-    obj.put(us(tags::BITS_STORED, 16));
-    obj.put(us(tags::HIGH_BIT, 15));
-    obj.put(us(tags::PIXEL_REPRESENTATION, 0));
-    obj.put(DataElement::new(
-        tags::PHOTOMETRIC_INTERPRETATION,
-        VR::CS,
-        PrimitiveValue::from("MONOCHROME2"),
-    ));
-    let ramp: Vec<u16> = (0..cols * rows).map(|i| i * 1000).collect();
-    obj.put(DataElement::new(
-        tags::PIXEL_DATA,
-        VR::OW,
-        PrimitiveValue::U16(ramp.into()),
-    ));
-    obj.with_meta(FileMetaTableBuilder::new().transfer_syntax(uids::EXPLICIT_VR_LITTLE_ENDIAN))
-        .unwrap()
-        .write_to_file(path)
-        .unwrap();
+    let ramp: Vec<u16> = (0..32).map(|i| i * 1000).collect();
+    write_dcm(path, (8, 4), Pixels::U16(ramp), "MONOCHROME2", &[]);
 }
 
 /// The TCIA layout: the case CSVs without `dicom_info.csv`, a DICOM crop at every row's

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod bench;
+pub mod dicom;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
