@@ -44,7 +44,7 @@ fn prepare_then_eval_every_benchmark_on_the_tiny_checkpoint() {
             "--out",
             s(&data),
         ]);
-        for scoring in ["generate", "likelihood"] {
+        for scoring in ["generate", "likelihood", "likelihood-text"] {
             let out = tmp.path().join(format!("eval-{scoring}"));
             lvlm(&[
                 "eval",

@@ -10,7 +10,7 @@ use std::process::Command;
 use common::fixtures;
 use lvlm_ift::eval::mcq::{letter, question_prompt, McqItem};
 use lvlm_ift::eval::report::{wilson_interval, Z95};
-use lvlm_ift::eval::run::{likelihood_continuation, option_loglikelihoods};
+use lvlm_ift::eval::run::{likelihood_continuation, option_loglikelihoods, predict, Scoring};
 use lvlm_ift::model::generate::continuation_logprobs;
 use lvlm_ift::session::{Prompt, Session, SessionOptions};
 
@@ -286,6 +286,35 @@ fn option_loglikelihoods_match_full_forward() {
     )
     .unwrap();
     assert!((one[0] - got[0]).abs() < 1e-4);
+}
+
+#[test]
+fn likelihood_text_scores_are_score_per_byte() {
+    let session = Session::load(&model_dir(), SessionOptions::default()).unwrap();
+    let image = fixtures().join("pairs/images/03_big_green_circle.png");
+    let item = McqItem {
+        id: "t".into(),
+        image: image.to_string_lossy().into_owned(),
+        key: "dermatologic feature".into(),
+        options: vec![
+            "plaque, scale".into(),
+            "nodule".into(),
+            "papule, plaque, dome-shaped, erythema".into(),
+        ],
+        answer: 1,
+        source: None,
+    };
+    let pred = predict(&session, &item, Path::new("/"), Scoring::LikelihoodText).unwrap();
+    let scores = pred.scores.unwrap();
+    let prompt = Prompt::Chat(question_prompt(&item.key, &item.options));
+    for (opt, got) in item.options.iter().zip(&scores) {
+        let lp = session.score(&image, &prompt, opt).unwrap().logprob as f64;
+        let want = lp / opt.len() as f64;
+        assert!((got - want).abs() < 1e-5, "{opt}: {got} vs {want}");
+    }
+    let best = (0..3).fold(0, |b, i| if scores[i] > scores[b] { i } else { b });
+    assert_eq!(pred.predicted, Some(letter(best)));
+    assert!(pred.raw.is_none() && pred.strict.is_none());
 }
 
 #[test]

@@ -42,6 +42,8 @@ pub enum ScoringArg {
     Generate,
     /// Argmax over options of log P("The correct answer is X." | prompt).
     Likelihood,
+    /// Argmax over options of log P(option text | prompt) / its length in bytes.
+    LikelihoodText,
 }
 
 #[derive(Debug, Args)]
@@ -96,6 +98,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let scoring = match args.scoring {
         ScoringArg::Generate => Scoring::Generate,
         ScoringArg::Likelihood => Scoring::Likelihood,
+        ScoringArg::LikelihoodText => Scoring::LikelihoodText,
     };
     let items_file = args.data.join(format!("mcq_{split}.jsonl"));
     let mut items = read_items(&items_file)

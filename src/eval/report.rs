@@ -142,7 +142,7 @@ pub fn group_stats(preds: &[&Prediction], scoring: Scoring, single_key: bool) ->
             let ul = preds.iter().filter(|p| p.lenient.is_none()).count();
             (Some(Accuracy::new(lc, n)), Some(us), Some(ul))
         }
-        Scoring::Likelihood => (None, None, None),
+        Scoring::Likelihood | Scoring::LikelihoodText => (None, None, None),
     };
     let (majority_hits, majority_letter) = if single_key {
         majority(preds)
@@ -199,6 +199,11 @@ pub fn metric_description(scoring: Scoring) -> String {
             "argmax over options of the log-likelihood of the continuation \"{}\" given the prompt",
             super::run::likelihood_continuation('X')
         ),
+        Scoring::LikelihoodText => {
+            "argmax over options of the log-likelihood of the option text as \
+                                    the answer, divided by its length in bytes (acc_norm)"
+                .to_string()
+        }
     }
 }
 

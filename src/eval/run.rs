@@ -1,7 +1,7 @@
 //! Running a model over MCQ items: one [`Prediction`] per item, appended to `predictions.jsonl` as it is
 //! made, then `report.json` and `confusion-<key>.png` computed from the whole file.
 //!
-//! Two scoring modes ([`Scoring`]):
+//! Three scoring modes ([`Scoring`]):
 //! * `generate` (the reference's): the question ([`question_prompt`]) goes through the model's chat
 //!   template with the image, greedy decoding with the KV cache (at most 50 new tokens; the image token is
 //!   never chosen, see [`generate_answer`]), then the strict
@@ -12,6 +12,10 @@
 //!   earliest letter). The prompt is prefilled once per item, the continuation tokens shared by every
 //!   option (`"The correct answer is"`) are fed once, and each option's remaining tokens are fed on a
 //!   clone of that cache ([`option_loglikelihoods`]).
+//! * `likelihood-text`: the same, with each option's *text* as the assistant's whole answer; the score
+//!   is its summed log-likelihood divided by its length in UTF-8 bytes (lm-evaluation-harness'
+//!   `acc_norm`), so that long options (SKINCON's concept combinations) are not penalised for their
+//!   length. It asks which description the model finds most plausible, free of letter bias.
 
 use std::collections::HashSet;
 use std::fs::OpenOptions;
@@ -39,6 +43,8 @@ pub const MAX_NEW_TOKENS: usize = 50;
 pub enum Scoring {
     Generate,
     Likelihood,
+    #[serde(rename = "likelihood-text")]
+    LikelihoodText,
 }
 
 impl Scoring {
@@ -46,6 +52,7 @@ impl Scoring {
         match self {
             Scoring::Generate => "generate",
             Scoring::Likelihood => "likelihood",
+            Scoring::LikelihoodText => "likelihood-text",
         }
     }
 }
@@ -76,7 +83,8 @@ pub struct Prediction {
     /// Lenient parse of `raw` (generate mode).
     #[serde(default)]
     pub lenient: Option<char>,
-    /// Per-option log-likelihood (natural log, summed over the continuation's tokens), likelihood mode.
+    /// Per-option score, likelihood modes: the log-likelihood (natural log, summed over the
+    /// continuation's tokens); in `likelihood-text` divided by the option's length in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scores: Option<Vec<f64>>,
 }
@@ -85,7 +93,7 @@ impl Prediction {
     fn fits(&self, scoring: Scoring) -> bool {
         match scoring {
             Scoring::Generate => self.raw.is_some(),
-            Scoring::Likelihood => self.scores.is_some(),
+            Scoring::Likelihood | Scoring::LikelihoodText => self.scores.is_some(),
         }
     }
 }
@@ -202,23 +210,29 @@ pub fn predict(
             pred.predicted = pred.strict;
             pred.raw = Some(text);
         }
-        Scoring::Likelihood => {
+        Scoring::Likelihood | Scoring::LikelihoodText => {
             let pixels = session.pixel_values(&image)?;
             let prompt_ids = session.prompt_ids(&prompt)?;
-            let conts = (0..n)
-                .map(|i| {
-                    session
-                        .text
-                        .encode_plain(&likelihood_continuation(letter(i)))
-                })
+            let texts: Vec<String> = match scoring {
+                Scoring::Likelihood => (0..n).map(|i| likelihood_continuation(letter(i))).collect(),
+                _ => item.options.clone(),
+            };
+            let conts = texts
+                .iter()
+                .map(|t| session.text.encode_plain(t))
                 .collect::<Result<Vec<_>>>()?;
-            let scores = option_loglikelihoods(
+            let mut scores = option_loglikelihoods(
                 &session.model,
                 &prompt_ids,
                 Some(&pixels),
                 &conts,
                 &session.device,
             )?;
+            if scoring == Scoring::LikelihoodText {
+                for (s, t) in scores.iter_mut().zip(&texts) {
+                    *s /= t.len().max(1) as f64;
+                }
+            }
             pred.predicted = argmax(&scores).map(letter);
             pred.scores = Some(scores);
         }
