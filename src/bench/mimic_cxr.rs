@@ -50,9 +50,9 @@ use std::path::{Path, PathBuf};
 
 use crate::bench::letterbox::letterbox_file;
 use crate::bench::prepare::{
-    display_path, write_outputs, PairRecord, PrepareOptions, PrepareSummary, Skipped,
+    display_path, field, write_outputs, CsvTable, PairRecord, PrepareOptions, PrepareSummary,
+    Skipped,
 };
-use crate::bench::prepare::{field, CsvTable};
 use crate::bench::pyrandom::PyRandom;
 use crate::error::{Error, Result};
 use crate::eval::mcq::McqItem;

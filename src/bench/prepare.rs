@@ -109,6 +109,7 @@ pub fn write_outputs(
 /// A released label file read whole: trimmed header names (a UTF-8 BOM dropped) and
 /// `(line, record)` per data row, every row with the header's number of fields. Errors name the
 /// file and the line ([`crate::data::csv_line`]: right for CRLF files and quoted newlines too).
+#[derive(Debug, Clone)]
 pub struct CsvTable {
     pub path: PathBuf,
     pub headers: Vec<String>,
@@ -116,6 +117,7 @@ pub struct CsvTable {
 }
 
 impl CsvTable {
+    /// Read `path` whole; a malformed or ragged row is an error naming the file and line.
     pub fn read(path: &Path) -> Result<CsvTable> {
         let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let mut rdr = csv::ReaderBuilder::new()
@@ -162,10 +164,7 @@ impl CsvTable {
             .ok_or_else(|| missing_column(&self.path, name, &self.headers))
     }
 
-    pub fn opt_col(&self, name: &str) -> Option<usize> {
-        self.headers.iter().position(|h| h == name)
-    }
-
+    /// The file's name, for `file:line` locations.
     pub fn file_name(&self) -> String {
         self.path
             .file_name()
@@ -174,6 +173,8 @@ impl CsvTable {
     }
 }
 
+/// Cell `i` of a record ("" past its end; [`CsvTable`] rows are rectangular, so only for columns
+/// the header has).
 pub fn field(rec: &csv::StringRecord, i: usize) -> &str {
     rec.get(i).unwrap_or("")
 }
@@ -206,4 +207,40 @@ pub fn display_path(out: &Path, image: &Path) -> String {
         .unwrap_or_else(|_| image.to_path_buf())
         .to_string_lossy()
         .into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_table_lines_and_ragged_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.csv");
+        std::fs::write(&p, "\u{feff} a ,b\r\n1,\"x\n\"\r\n2,y\r\n").unwrap();
+        let t = CsvTable::read(&p).unwrap();
+        assert_eq!(t.headers, ["a", "b"]);
+        let lines: Vec<u64> = t.rows.iter().map(|(l, _)| *l).collect();
+        assert_eq!(lines, [2, 4]);
+        assert_eq!(field(&t.rows[1].1, 1), "y");
+        assert!(t.col("c").unwrap_err().to_string().contains("missing column"));
+
+        std::fs::write(&p, "a,b\r\n1,2\r\n3\r\n").unwrap();
+        let err = CsvTable::read(&p).unwrap_err().to_string();
+        assert!(err.contains("t.csv"), "{err}");
+        assert!(
+            err.contains("line 3: the row has 1 field(s), the header 2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn pandas_na_strings() {
+        for na in ["", "N/A", "NA", "nan", "NULL", "None"] {
+            assert!(is_pandas_na(na), "{na:?}");
+        }
+        for v in ["n", " NA", "OVAL", "0"] {
+            assert!(!is_pandas_na(v), "{v:?}");
+        }
+    }
 }
