@@ -223,7 +223,11 @@ mod tests {
         let lines: Vec<u64> = t.rows.iter().map(|(l, _)| *l).collect();
         assert_eq!(lines, [2, 4]);
         assert_eq!(field(&t.rows[1].1, 1), "y");
-        assert!(t.col("c").unwrap_err().to_string().contains("missing column"));
+        assert!(t
+            .col("c")
+            .unwrap_err()
+            .to_string()
+            .contains("missing column"));
 
         std::fs::write(&p, "a,b\r\n1,2\r\n3\r\n").unwrap();
         let err = CsvTable::read(&p).unwrap_err().to_string();
