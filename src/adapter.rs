@@ -32,6 +32,9 @@ pub struct AdapterConfig {
     #[serde(default)]
     pub lora_dropout: f64,
     pub target_modules: TargetModules,
+    /// Modules the targets match that get no adapter (PEFT >= 0.14).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclude_modules: Option<TargetModules>,
     #[serde(default)]
     pub base_model_name_or_path: Option<String>,
     #[serde(default = "none_bias")]
@@ -61,6 +64,7 @@ impl AdapterConfig {
             lora_alpha: spec.alpha,
             lora_dropout: spec.dropout,
             target_modules: spec.target_modules.clone(),
+            exclude_modules: spec.exclude_modules.clone(),
             base_model_name_or_path: Some(base_model.to_string()),
             bias: "none".into(),
             use_rslora: spec.use_rslora,
@@ -107,6 +111,7 @@ impl AdapterConfig {
             alpha: self.lora_alpha,
             dropout: self.lora_dropout,
             target_modules: self.target_modules.clone(),
+            exclude_modules: self.exclude_modules.clone(),
             use_rslora: self.use_rslora,
         };
         spec.validate()

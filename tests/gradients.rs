@@ -78,6 +78,7 @@ fn frozen_weights_get_no_gradient_buffers() {
         alpha: 4.0,
         dropout: 0.0,
         target_modules: TargetModules::Pattern("all-linear".into()),
+        exclude_modules: None,
         use_rslora: false,
     };
     let opts = LoadOptions {

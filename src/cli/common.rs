@@ -22,6 +22,9 @@ pub enum AspectArg {
     Resize,
     /// LLaVA `image_aspect_ratio: pad`: pad to a square of the mean colour first.
     Pad,
+    /// The reference recipe: resize straight to the processor's square size (aspect not kept,
+    /// no crop, no padding).
+    Squash,
 }
 
 #[derive(Debug, Args)]
@@ -59,6 +62,7 @@ impl ModelArgs {
             aspect: match self.image_aspect {
                 AspectArg::Resize => AspectMode::Resize,
                 AspectArg::Pad => AspectMode::Pad,
+                AspectArg::Squash => AspectMode::Squash,
             },
             adapter: self.adapter.clone(),
             full_weights: self.full_weights.clone(),

@@ -20,6 +20,9 @@ pub struct BatchMaker {
     pub processor: ClipImageProcessor,
     pub instruction: Instruction,
     pub max_len: Option<usize>,
+    /// The model's `max_position_embeddings`: a longer sample is an error naming it (set
+    /// `max_len` to cut long descriptions instead).
+    pub max_positions: usize,
     pub shuffle: Separator,
     pub seed: u64,
 }
@@ -34,6 +37,8 @@ pub struct HostBatch {
     pub width: usize,
     /// Samples whose description was cut to fit `max_len`: (source, tokens dropped).
     pub truncated: Vec<(String, usize)>,
+    /// Where each sample of the batch comes from (`manifest:line`), in batch order.
+    pub sources: Vec<String>,
 }
 
 impl BatchMaker {
@@ -64,11 +69,22 @@ impl BatchMaker {
         let mut texts = Vec::with_capacity(indices.len());
         let mut pixels = Vec::with_capacity(indices.len() * 3 * height * width);
         let mut truncated = Vec::new();
+        let mut sources = Vec::with_capacity(indices.len());
         for &i in indices {
             let pair = &self.pairs[i];
             let e = enc
                 .encode(&self.description(i, epoch))
                 .map_err(|e| Error::Model(format!("{}: {e}", pair.source)))?;
+            if e.input_ids.len() > self.max_positions {
+                return Err(Error::Model(format!(
+                    "{}: the sample is {} tokens long, more than the model's \
+                     max_position_embeddings ({}); set data.max_len to cut long descriptions",
+                    pair.source,
+                    e.input_ids.len(),
+                    self.max_positions
+                )));
+            }
+            sources.push(pair.source.clone());
             if e.truncated > 0 {
                 truncated.push((pair.source.clone(), e.truncated));
             }
@@ -87,6 +103,7 @@ impl BatchMaker {
             height,
             width,
             truncated,
+            sources,
         })
     }
 }

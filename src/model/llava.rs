@@ -115,6 +115,9 @@ impl LlavaModel {
             &root.pp("lm_head"),
             &cfg.text,
         )?;
+        if let Some(lora) = store.lora() {
+            register_unrun_vision_layers(lora, cfg, depth, store.device())?;
+        }
         store.finish(|name| is_unused_weight(cfg, name))?;
         if let Some(lora) = store.lora() {
             let stray: Vec<String> = lora
@@ -363,6 +366,31 @@ pub fn is_unused_weight(cfg: &LlavaConfig, name: &str) -> bool {
         || name.ends_with("rotary_emb.inv_freq")
         || unused_layer
         || (cfg.text.tie_word_embeddings && name == "lm_head.weight")
+}
+
+/// Adapters for the linear layers of the vision layers from `depth` on, which LLaVA keeps but
+/// never runs (see [`LoraFactory::register_unrun`]).
+fn register_unrun_vision_layers(
+    lora: &LoraFactory,
+    cfg: &LlavaConfig,
+    depth: usize,
+    device: &Device,
+) -> Result<()> {
+    let (h, inter) = (cfg.vision.hidden_size, cfg.vision.intermediate_size);
+    for i in depth..cfg.vision.num_hidden_layers {
+        let layer = format!("model.vision_tower.vision_model.encoder.layers.{i}");
+        for (module, in_dim, out_dim) in [
+            ("self_attn.q_proj", h, h),
+            ("self_attn.k_proj", h, h),
+            ("self_attn.v_proj", h, h),
+            ("self_attn.out_proj", h, h),
+            ("mlp.fc1", h, inter),
+            ("mlp.fc2", inter, h),
+        ] {
+            lora.register_unrun(&format!("{layer}.{module}"), in_dim, out_dim, device)?;
+        }
+    }
+    Ok(())
 }
 
 /// The causal mask is always needed for s > 1; padding is folded into the same tensor.

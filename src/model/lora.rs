@@ -71,12 +71,30 @@ pub struct LoraSpec {
     #[serde(default)]
     pub dropout: f64,
     pub target_modules: TargetModules,
+    /// PEFT `exclude_modules`: modules the targets match that get no adapter (same matching
+    /// rules as `target_modules`). `train` adds the fully trained groups here, so a module is
+    /// either fully trained or adapted, never both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclude_modules: Option<TargetModules>,
     #[serde(default)]
     pub use_rslora: bool,
 }
 
 fn default_alpha() -> f64 {
     8.0
+}
+
+/// `target_modules` minus `exclude_modules`, compiled.
+#[derive(Debug, Clone)]
+pub struct ModuleMatcher {
+    target: TargetMatcher,
+    exclude: Option<TargetMatcher>,
+}
+
+impl ModuleMatcher {
+    pub fn matches(&self, module: &str) -> bool {
+        self.target.matches(module) && !self.exclude.as_ref().is_some_and(|e| e.matches(module))
+    }
 }
 
 impl LoraSpec {
@@ -89,19 +107,61 @@ impl LoraSpec {
     }
 
     pub fn validate(&self) -> Result<()> {
-        let bad = |key: &str, reason: &str| Error::Config {
+        let bad = |key: &str, reason: String| Error::Config {
             path: "lora".into(),
             key: key.into(),
-            reason: reason.into(),
+            reason,
         };
         if self.r == 0 {
-            return Err(bad("r", "must be > 0"));
+            return Err(bad("r", "must be > 0".into()));
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return Err(bad(
+                "alpha",
+                format!("must be a finite number > 0, got {}", self.alpha),
+            ));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(bad("dropout", "must be in [0, 1)"));
+            return Err(bad(
+                "dropout",
+                format!("must be in [0, 1), got {}", self.dropout),
+            ));
         }
-        self.target_modules.matcher()?;
+        self.matcher()?;
         Ok(())
+    }
+
+    /// The compiled target/exclude rules; errors name the bad regex.
+    pub fn matcher(&self) -> Result<ModuleMatcher> {
+        Ok(ModuleMatcher {
+            target: self.target_modules.matcher()?,
+            exclude: self
+                .exclude_modules
+                .as_ref()
+                .map(TargetModules::matcher)
+                .transpose()?,
+        })
+    }
+
+    /// This spec with every module under one of `prefixes` (canonical names ending in `.`)
+    /// excluded as well, as a regex PEFT reads the same way.
+    pub fn excluding_prefixes(&self, prefixes: &[String]) -> LoraSpec {
+        if prefixes.is_empty() {
+            return self.clone();
+        }
+        let mut alternatives: Vec<String> = match &self.exclude_modules {
+            None => Vec::new(),
+            Some(TargetModules::Pattern(p)) => vec![format!("(?:{p})")],
+            Some(TargetModules::Suffixes(v)) => v
+                .iter()
+                .map(|t| format!("(?:.*\\.)?{}", regex::escape(t)))
+                .collect(),
+        };
+        alternatives.extend(prefixes.iter().map(|p| format!("{}.*", regex::escape(p))));
+        LoraSpec {
+            exclude_modules: Some(TargetModules::Pattern(alternatives.join("|"))),
+            ..self.clone()
+        }
     }
 }
 
@@ -203,7 +263,7 @@ pub struct AdapterEntry {
 /// and remembers them.
 pub struct LoraFactory {
     pub spec: LoraSpec,
-    matcher: TargetMatcher,
+    matcher: ModuleMatcher,
     trainable: bool,
     init_rng: Mutex<ChaCha8Rng>,
     /// module name -> (A, B) loaded from disk; when present, used instead of initialising.
@@ -216,7 +276,7 @@ impl LoraFactory {
     pub fn new(spec: LoraSpec, trainable: bool, seed: u64) -> Result<Self> {
         spec.validate()?;
         Ok(Self {
-            matcher: spec.target_modules.matcher()?,
+            matcher: spec.matcher()?,
             spec,
             trainable,
             init_rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
@@ -261,10 +321,48 @@ impl LoraFactory {
         out_dim: usize,
         device: &Device,
     ) -> Result<Option<LoraAdapter>> {
+        self.create(module, in_dim, out_dim, device, self.trainable)
+    }
+
+    /// Records an adapter for a linear layer the model keeps but never runs (CLIP layers past
+    /// the deepest feature layer): PEFT adapts every module `target_modules` matches, so the
+    /// adapter we write must hold it too, or PEFT warns about missing keys. It never gets a
+    /// gradient, so it is frozen: initialised (or loaded) and written back unchanged.
+    pub fn register_unrun(
+        &self,
+        module: &str,
+        in_dim: usize,
+        out_dim: usize,
+        device: &Device,
+    ) -> Result<()> {
+        self.create(module, in_dim, out_dim, device, false)
+            .map(|_| ())
+    }
+
+    fn create(
+        &self,
+        module: &str,
+        in_dim: usize,
+        out_dim: usize,
+        device: &Device,
+        trainable: bool,
+    ) -> Result<Option<LoraAdapter>> {
         if !self.matcher.matches(module) {
             return Ok(None);
         }
         let r = self.spec.r;
+        // Checked before anything is allocated from `r`: a rank above min(in, out) adds
+        // nothing but memory.
+        if r > in_dim.min(out_dim) {
+            return Err(Error::Config {
+                path: "lora".into(),
+                key: "r".into(),
+                reason: format!(
+                    "r = {r} exceeds the rank of `{module}` ({out_dim}x{in_dim}); at most {}",
+                    in_dim.min(out_dim)
+                ),
+            });
+        }
         let (a, b) = match self.loaded.get(module) {
             Some((a, b)) => {
                 if a.dims() != [r, in_dim] || b.dims() != [out_dim, r] {
@@ -292,7 +390,7 @@ impl LoraFactory {
                 )
             }
         };
-        let (a, b, a_var, b_var) = if self.trainable {
+        let (a, b, a_var, b_var) = if trainable {
             let (av, bv) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
             (
                 av.as_tensor().clone(),
@@ -358,6 +456,7 @@ mod tests {
             alpha: 8.0,
             dropout: 0.0,
             target_modules: TargetModules::Suffixes(vec!["q".into()]),
+            exclude_modules: None,
             use_rslora: false,
         };
         assert_eq!(spec.scale(), 2.0);

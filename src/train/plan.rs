@@ -6,16 +6,15 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Var};
+use candle_core::{Device, Var};
 
 use crate::adapter::read_adapter;
-use crate::config::{StageSpec, TrainConfig};
+use crate::config::{InstructionMode, ProxyInit, StageSpec, TrainConfig};
 use crate::data::batch::BatchMaker;
 use crate::data::collate::{Instruction, IGNORE_INDEX};
 use crate::data::pairs::{load_pair_sources, PairSource};
-use crate::data::processor::{AspectMode, ClipImageProcessor, ClipProcessorConfig};
+use crate::data::processor::{ClipImageProcessor, ClipProcessorConfig};
 use crate::data::prompt::{ChatTemplate, TextProcessor};
-use crate::data::shuffle::Separator;
 use crate::error::{Error, Result};
 use crate::method::proxy::ProxyInstruction;
 use crate::model::checkpoint::resolve_model;
@@ -26,12 +25,14 @@ use crate::model::weights::WeightStore;
 use crate::model::VisionLanguageModel;
 use crate::train::checkpoint::load_safetensors;
 use crate::train::optim::{AdamW, AdamWConfig, ParamGroup};
-use crate::train::schedule::{Schedule, ScheduleKind, Warmup};
+use crate::train::schedule::{Schedule, Warmup};
 
 /// Files a finished stage leaves for the next one (and for users).
 pub const ADAPTER_DIR: &str = "adapter";
 pub const FULL_WEIGHTS: &str = "full_weights.safetensors";
 pub const PROXY_FILE: &str = "proxy.safetensors";
+/// The name of the proxy vectors among the trainable tensors.
+pub const PROXY_PARAM: &str = "proxy";
 
 /// One trainable tensor: its export name and which group it belongs to.
 #[derive(Clone)]
@@ -64,11 +65,7 @@ impl TrainPlan {
     /// Load `stage` of `cfg`, continuing from the outputs of the stage before it (`previous`).
     pub fn build(cfg: &TrainConfig, stage: &StageSpec, previous: Option<&Path>) -> Result<Self> {
         let device = parse_device(&cfg.model.device)?;
-        let dtype = match cfg.model.dtype.as_str() {
-            "bf16" => DType::BF16,
-            "f16" => DType::F16,
-            _ => DType::F32,
-        };
+        let dtype = cfg.model.dtype.dtype();
         let model_dir = resolve_model(&cfg.model.path)?;
         let prefixes = if stage.train_full {
             cfg.full_prefixes()
@@ -95,13 +92,18 @@ impl TrainPlan {
                 overrides,
             },
         )?;
-        let aspect = if cfg.model.image_aspect == "pad" {
-            AspectMode::Pad
-        } else {
-            AspectMode::Resize
-        };
-        let processor =
-            ClipImageProcessor::new(ClipProcessorConfig::from_model_dir(&model_dir)?, aspect)?;
+        let processor = ClipImageProcessor::new(
+            ClipProcessorConfig::from_model_dir(&model_dir)?,
+            cfg.model.image_aspect,
+        )?;
+        let max_positions = model.config().text.max_position_embeddings;
+        check_sequence_bounds(
+            cfg,
+            stage,
+            &model_dir,
+            max_positions,
+            model.num_image_tokens(),
+        )?;
         let template = ChatTemplate::from_model_dir(&model_dir)?;
         let text = TextProcessor::from_model_dir(
             &model_dir,
@@ -109,13 +111,13 @@ impl TrainPlan {
             model.num_image_tokens(),
         )?;
         let proxy = proxy_for_stage(cfg, stage, previous, &model, &text, &device)?;
-        let instruction = match stage.instruction_mode.as_str() {
-            "proxy" => Instruction::Proxy {
+        let instruction = match stage.instruction_mode {
+            InstructionMode::Proxy => Instruction::Proxy {
                 tokens: cfg.proxy.tokens,
                 placeholder_id: text.pad_token_id().or(text.bos_token_id()).unwrap_or(0),
             },
-            "none" => Instruction::None,
-            _ => Instruction::Fixed(cfg.data.instruction.clone()),
+            InstructionMode::None => Instruction::None,
+            InstructionMode::Fixed => Instruction::Fixed(cfg.data.instruction.clone()),
         };
         let sources: Vec<PairSource> = cfg
             .data
@@ -131,7 +133,6 @@ impl TrainPlan {
         if pairs.is_empty() {
             return Err(Error::Model("the training set is empty".into()));
         }
-        let shuffle: Separator = cfg.data.shuffle.parse()?;
         let batches = BatchMaker {
             pairs: Arc::new(pairs),
             template,
@@ -139,19 +140,24 @@ impl TrainPlan {
             processor,
             instruction,
             max_len: cfg.data.max_len,
-            shuffle,
+            max_positions,
+            shuffle: cfg.data.shuffle,
             seed: cfg.train.seed,
         };
         let params = collect_params(cfg, stage, &store, proxy.as_ref());
-        if params.is_empty() {
-            return Err(Error::Model(format!(
-                "stage `{}` has no trainable parameters (do the LoRA targets match any module?)",
-                stage.name
-            )));
-        }
+        check_every_choice_trains(stage, &params, &store, &model_dir)?;
         let micro_per_epoch = batches.pairs.len().div_ceil(cfg.train.batch_size);
         let steps_per_epoch = micro_per_epoch.div_ceil(cfg.train.grad_accum);
-        let all = steps_per_epoch * stage.epochs;
+        let all = steps_per_epoch
+            .checked_mul(stage.epochs)
+            .ok_or_else(|| Error::Config {
+                path: "recipe".into(),
+                key: epochs_key(cfg, stage),
+                reason: format!(
+                    "{} epochs of {steps_per_epoch} steps overflow the step counter",
+                    stage.epochs
+                ),
+            })?;
         let total_steps = stage.max_steps.unwrap_or(all).min(all);
         Ok(Self {
             cfg: cfg.clone(),
@@ -208,7 +214,7 @@ impl TrainPlan {
     }
 
     pub fn schedule(&self) -> Result<Schedule> {
-        let kind: ScheduleKind = self.cfg.schedule.kind.parse()?;
+        let kind = self.cfg.schedule.kind;
         let warmup = match (
             self.cfg.schedule.warmup_steps,
             self.cfg.schedule.warmup_ratio,
@@ -241,7 +247,7 @@ impl TrainPlan {
             *by_group.entry(p.group.clone()).or_default() += p.var.elem_count();
         }
         let trainable: usize = by_group.values().sum();
-        let bytes = dtype_bytes(&self.cfg.model.dtype);
+        let bytes = self.cfg.model.dtype.bytes() as f64;
         out.push_str(&format!(
             "stage            {} -> {}{}\n",
             self.stage.name,
@@ -251,11 +257,15 @@ impl TrainPlan {
                 .map(|p| format!(" (continuing from {})", p.display()))
                 .unwrap_or_default()
         ));
-        out.push_str(&format!("model            {}\n", self.model_dir.display()));
+        out.push_str(&format!(
+            "model            {} (images: {})\n",
+            self.model_dir.display(),
+            self.cfg.model.image_aspect
+        ));
         out.push_str(&format!(
             "base parameters  {total_params} ({:.1} MB as {})\n",
             total_params as f64 * bytes / 1e6,
-            self.cfg.model.dtype
+            self.cfg.model.dtype.as_str()
         ));
         for (g, n) in &by_group {
             out.push_str(&format!(
@@ -263,9 +273,21 @@ impl TrainPlan {
                 100.0 * *n as f64 / total_params.max(1) as f64
             ));
         }
+        if let Some(spec) = self.store.lora().map(|l| l.spec.clone()) {
+            let adapted = self.store.lora().map(|l| l.entries().len()).unwrap_or(0);
+            out.push_str(&format!(
+                "lora             r {} alpha {} dropout {} on {adapted} modules, targets {:?}\n",
+                spec.r, spec.alpha, spec.dropout, spec.target_modules
+            ));
+            if let Some(ex) = &spec.exclude_modules {
+                out.push_str(&format!(
+                    "lora excludes    {ex:?} (fully trained groups are trained in full, not adapted)\n"
+                ));
+            }
+        }
         out.push_str(&format!(
             "instruction      {}{}; shuffle {}\n",
-            self.stage.instruction_mode,
+            self.stage.instruction_mode.as_str(),
             self.stage
                 .momentum
                 .map(|m| format!(", proxy momentum {m}"))
@@ -289,11 +311,16 @@ impl TrainPlan {
             mem / 1e6
         ));
         out.push_str(&format!(
-            "optimizer        AdamW lr {} wd {} betas {:?} clip {:?}, schedule {} warmup {:?}/{:?} min_lr {}\n",
+            "optimizer        AdamW lr {} wd {} betas {:?} clip {:?} ({}), schedule {} warmup {:?}/{:?} min_lr {}\n",
             self.stage.lr,
             self.cfg.optim.weight_decay,
             self.cfg.optim.betas,
             self.cfg.optim.max_grad_norm,
+            if self.cfg.optim.clip_proxy {
+                "model params and proxy"
+            } else {
+                "model params only"
+            },
             self.cfg.schedule.kind,
             self.cfg.schedule.warmup_steps,
             self.cfg.schedule.warmup_ratio,
@@ -363,9 +390,11 @@ fn lora_for_stage(
             let a = read_adapter(&dir, device)?;
             Some(LoraFactory::new(a.spec, stage.train_lora, cfg.train.seed)?.with_loaded(a.weights))
         }
-        (None, Some(spec)) if stage.train_lora => {
-            Some(LoraFactory::new(spec.clone(), true, cfg.train.seed)?)
-        }
+        (None, Some(spec)) if stage.train_lora => Some(LoraFactory::new(
+            spec.excluding_prefixes(&cfg.full_prefixes()),
+            true,
+            cfg.train.seed,
+        )?),
         _ => None,
     })
 }
@@ -379,7 +408,7 @@ fn proxy_for_stage(
     text: &TextProcessor,
     device: &Device,
 ) -> Result<Option<ProxyInstruction>> {
-    if stage.instruction_mode != "proxy" {
+    if stage.instruction_mode != InstructionMode::Proxy {
         return Ok(None);
     }
     let hidden = model.hidden_size();
@@ -398,7 +427,7 @@ fn proxy_for_stage(
             // A new stage starts its own average from the vectors it inherits.
             ProxyInstruction::from_tensor(p.var().as_tensor().clone())?
         }
-        None if cfg.proxy.init == "text" => {
+        None if cfg.proxy.init == ProxyInit::Text => {
             let t = cfg.proxy.init_text.as_deref().unwrap_or_default();
             let ids = text.encode_plain(t)?;
             ProxyInstruction::from_text_embeddings(&model.embed_ids(&ids)?, cfg.proxy.tokens)?
@@ -431,9 +460,8 @@ fn collect_params(
                 .full
                 .groups
                 .iter()
-                .zip(cfg.full_prefixes())
-                .find(|(_, p)| name.starts_with(p.as_str()))
-                .map(|(g, _)| g.clone())
+                .find(|g| name.starts_with(g.prefix()))
+                .map(|g| g.as_str().to_string())
                 .unwrap_or_else(|| "full".into());
             TrainParam { name, var, group }
         })
@@ -453,7 +481,7 @@ fn collect_params(
     }
     if let (Some(p), true) = (proxy, stage.train_proxy) {
         params.push(TrainParam {
-            name: "proxy".into(),
+            name: PROXY_PARAM.into(),
             var: p.var().clone(),
             group: "proxy".into(),
         });
@@ -466,9 +494,96 @@ fn collapse(text: &str, token: &str, n: usize) -> String {
     text.replace(&token.repeat(n), &format!("{token}×{n}"))
 }
 
-fn dtype_bytes(dtype: &str) -> f64 {
-    match dtype {
-        "bf16" | "f16" => 2.0,
-        _ => 4.0,
+/// The recipe key that set a stage's epochs, for error messages.
+fn epochs_key(cfg: &TrainConfig, stage: &StageSpec) -> String {
+    cfg.stages
+        .iter()
+        .position(|s| s.name == stage.name && s.epochs.is_some())
+        .map(|i| format!("stages[{i}].epochs"))
+        .unwrap_or_else(|| "train.epochs".into())
+}
+
+/// Lengths the model bounds, checked before anything is sized from them: the proxy vectors and
+/// `data.max_len` must fit `max_position_embeddings` next to the image tokens.
+fn check_sequence_bounds(
+    cfg: &TrainConfig,
+    stage: &StageSpec,
+    model_dir: &Path,
+    max_positions: usize,
+    image_tokens: usize,
+) -> Result<()> {
+    let bad = |key: &str, reason: String| Error::Config {
+        path: "recipe".into(),
+        key: key.into(),
+        reason,
+    };
+    if let Some(n) = cfg.data.max_len {
+        if n > max_positions {
+            return Err(bad(
+                "data.max_len",
+                format!(
+                    "{n} exceeds the model's max_position_embeddings ({max_positions}, {})",
+                    model_dir.join("config.json").display()
+                ),
+            ));
+        }
     }
+    if stage.instruction_mode == InstructionMode::Proxy
+        && cfg.proxy.tokens + image_tokens >= max_positions
+    {
+        return Err(bad(
+            "proxy.tokens",
+            format!(
+                "{} proxy vectors and {image_tokens} image tokens leave no room for text within \
+                 the model's max_position_embeddings ({max_positions})",
+                cfg.proxy.tokens
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Every trainable choice of the stage must train something: LoRA targets that match no module
+/// are an error even when other groups train (else the adapter written would be empty).
+fn check_every_choice_trains(
+    stage: &StageSpec,
+    params: &[TrainParam],
+    store: &WeightStore,
+    model_dir: &Path,
+) -> Result<()> {
+    let has = |group: &dyn Fn(&str) -> bool| params.iter().any(|p| group(&p.group));
+    if stage.train_lora && !has(&|g| g == "lora") {
+        let targets = store
+            .lora()
+            .map(|l| format!("{:?}", l.spec.target_modules))
+            .unwrap_or_default();
+        return Err(Error::Config {
+            path: "recipe".into(),
+            key: "lora.target_modules".into(),
+            reason: format!(
+                "{targets} matches no linear layer of {} (stage `{}` trains lora); module \
+                 names look like `model.language_model.layers.0.self_attn.q_proj`",
+                model_dir.display(),
+                stage.name
+            ),
+        });
+    }
+    if stage.train_full && !has(&|g| g != "lora" && g != "proxy") {
+        return Err(Error::Config {
+            path: "recipe".into(),
+            key: "full.groups".into(),
+            reason: format!(
+                "the groups hold no weights of {} (stage `{}` trains full)",
+                model_dir.display(),
+                stage.name
+            ),
+        });
+    }
+    if params.is_empty() {
+        return Err(Error::Model(format!(
+            "stage `{}` has no trainable parameters",
+            stage.name
+        )));
+    }
+    Ok(())
 }

@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::config::{StageSpec, TrainConfig};
 use crate::error::{Error, Result};
 use crate::train::checkpoint::{resolve_resume, write_atomic, CheckpointManager};
+use crate::train::lock::OutputLock;
 use crate::train::metrics::{plot_loss, MetricsLog};
 use crate::train::plan::TrainPlan;
 use crate::train::trainer::TrainOutcome;
@@ -53,14 +54,29 @@ pub fn describe_recipe(cfg: &TrainConfig) -> Result<String> {
 /// Run the recipe; returns the outcome of every stage that ran.
 pub fn run_recipe(cfg: &TrainConfig, resume: Resume, quiet: bool) -> Result<Vec<TrainOutcome>> {
     let stages = cfg.stage_specs();
-    std::fs::create_dir_all(&cfg.train.output_dir)
-        .map_err(|e| Error::io(&cfg.train.output_dir, e))?;
+    // Held until the recipe returns: a second run into this directory fails naming this one.
+    let _lock = OutputLock::acquire(&cfg.train.output_dir)?;
     let resolved = toml::to_string_pretty(cfg)
         .map_err(|e| Error::Model(format!("cannot serialise the recipe: {e}")))?;
     write_atomic(
         &cfg.train.output_dir.join("config.toml"),
         resolved.as_bytes(),
     )?;
+    // Holding the lock, what a killed run left (half-written checkpoints, prunes, temp files)
+    // is ours to clear, before `--resume latest` looks for the newest checkpoint.
+    for stage in &stages {
+        let checkpoints = CheckpointManager::new(&stage.output_dir.join("checkpoints"), None);
+        for path in checkpoints
+            .clean_stale()?
+            .into_iter()
+            .chain(clean_stale_outputs(&stage.output_dir)?)
+        {
+            tracing::info!(
+                "cleared the leftover {} of an interrupted run",
+                path.display()
+            );
+        }
+    }
     let explicit = match &resume {
         Resume::Checkpoint(dir) => Some(stage_of_checkpoint(&stages, dir)?),
         _ => None,
@@ -140,6 +156,34 @@ pub fn run_recipe(cfg: &TrainConfig, resume: Resume, quiet: bool) -> Result<Vec<
         }
     }
     Ok(outcomes)
+}
+
+/// Temp files and directories of interrupted atomic writes in a stage's output directory
+/// (`.name.tmp-*` files, `.tmp-*` / `.old-*` directories of the adapter): each stage rewrites
+/// every output at its end, so none of them is needed.
+fn clean_stale_outputs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        let is_dir = path.is_dir();
+        let stale_dir = is_dir && (name.starts_with(".tmp-") || name.starts_with(".old-"));
+        let stale_file = !is_dir && name.starts_with('.') && name.contains(".tmp-");
+        if stale_dir {
+            std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+            removed.push(path);
+        } else if stale_file {
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+            removed.push(path);
+        }
+    }
+    Ok(removed)
 }
 
 /// `--resume DIR`: which stage's checkpoints directory holds DIR.

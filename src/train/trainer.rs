@@ -13,6 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::adapter::write_adapter;
+use crate::config::NonFinitePolicy;
 use crate::data::batch::HostBatch;
 use crate::data::loader::Prefetcher;
 use crate::error::{Error, Result};
@@ -21,11 +22,11 @@ use crate::model::lora::LoraRuntime;
 use crate::model::loss::causal_lm_loss;
 use crate::model::{Injection, VisionLanguageModel};
 use crate::train::checkpoint::{
-    load_safetensors, save_safetensors, write_atomic, CheckpointManager,
+    checkpoint_step, load_safetensors, save_safetensors, write_atomic, CheckpointManager,
 };
 use crate::train::metrics::{plot_loss, MetricsLog, StepMetrics, TrainProgress};
 use crate::train::optim::{AdamW, Gradients};
-use crate::train::plan::{TrainPlan, ADAPTER_DIR, FULL_WEIGHTS, PROXY_FILE};
+use crate::train::plan::{TrainPlan, ADAPTER_DIR, FULL_WEIGHTS, PROXY_FILE, PROXY_PARAM};
 
 /// Saved in every checkpoint next to the weights and optimizer moments.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -38,6 +39,9 @@ pub struct TrainerState {
     /// LoRA dropout RNG (seed as hex, stream, word position as decimal string).
     pub dropout_rng: Option<(String, u64, String)>,
     pub elapsed_sec: f64,
+    /// Steps dropped for a non-finite loss or gradient (`train.on_nonfinite = "skip"`).
+    #[serde(default)]
+    pub skipped_nonfinite: u64,
 }
 
 /// What a finished (or halted) stage produced.
@@ -78,7 +82,8 @@ impl TrainPlan {
         })
     }
 
-    /// Forward + loss of one host batch (its pixel buffer moves into the tensor).
+    /// Forward + mean loss over the label tokens of one host batch (its pixel buffer moves into
+    /// the tensor).
     fn loss(&self, batch: &mut HostBatch) -> Result<Tensor> {
         let pixels = std::mem::take(&mut batch.pixels);
         let t = &batch.text;
@@ -113,6 +118,7 @@ impl TrainPlan {
             micro_batch: 0,
             dropout_rng: None,
             elapsed_sec: 0.0,
+            skipped_nonfinite: 0,
         };
         if let Some(dir) = resume {
             state = self.restore(dir, &mut optim, runtime.as_deref())?;
@@ -126,6 +132,7 @@ impl TrainPlan {
         let stage_name = self.stage.name.clone();
         let checkpoints =
             CheckpointManager::new(&out_dir.join("checkpoints"), self.cfg.train.keep_last);
+
         let metrics_path = out_dir.join("metrics.jsonl");
         let mut metrics = MetricsLog::open(
             &metrics_path,
@@ -155,42 +162,81 @@ impl TrainPlan {
         let mut waited = batches.wait_time();
         while (state.step as usize) < halt_at && state.epoch < self.stage.epochs {
             let step_start = Instant::now();
-            if let Some(p) = &self.proxy {
-                p.before_step()?;
-            }
-            let mut grads = Gradients::new();
-            let (mut loss_sum, mut tokens, mut micro_done) = (0.0, 0usize, 0usize);
-            while micro_done < accum && state.micro_batch < micro_per_epoch {
-                let mut batch = batches
+            // The whole accumulation window first: each micro-batch's loss is weighted by its
+            // share of the window's loss tokens, so k micro-batches of b samples give the update
+            // of one batch of k·b (HF >= 4.46, torchtune). A short last window (epoch end) is
+            // simply a smaller batch.
+            let first_micro = state.micro_batch;
+            let mut window = Vec::with_capacity(accum);
+            while window.len() < accum && state.micro_batch < micro_per_epoch {
+                let batch = batches
                     .next()
                     .ok_or_else(|| Error::Model("data loader ended early".into()))??;
                 for (source, n) in &batch.truncated {
                     tracing::warn!("{source}: description cut by {n} tokens to fit data.max_len");
                 }
-                let loss = self.loss(&mut batch)?;
-                loss_sum += loss.to_scalar::<f32>()? as f64;
-                let g = Gradients::from_store(&named, &(loss / accum as f64)?.backward()?)?;
-                grads.accumulate(g)?;
-                tokens += batch.text.num_tokens;
-                micro_done += 1;
+                window.push(batch);
                 state.micro_batch += 1;
             }
-            // A short last window (end of epoch) is averaged over the micro-batches it had.
-            if micro_done < accum {
-                grads.scale(accum as f64 / micro_done as f64)?;
+            let window_tokens: usize = window.iter().map(|b| b.text.num_label_tokens).sum();
+            if let Some(p) = &self.proxy {
+                p.before_step()?;
             }
-            let grad_norm = match self.cfg.optim.max_grad_norm {
-                Some(max) => grads.clip_global_norm(max)?,
-                None => grads.global_norm()?,
+            let mut grads = Gradients::new();
+            let (mut loss_sum, mut tokens) = (0.0, 0usize);
+            let mut fault: Option<String> = None;
+            for batch in &mut window {
+                let loss = self.loss(batch)?;
+                let value = loss.to_scalar::<f32>()? as f64;
+                if !value.is_finite() {
+                    fault = Some(format!("non-finite loss ({value})"));
+                    break;
+                }
+                let share = batch.text.num_label_tokens as f64 / window_tokens as f64;
+                loss_sum += value * share;
+                let g = Gradients::from_store(&named, &(loss * share)?.backward()?)?;
+                grads.accumulate(g)?;
+                tokens += batch.text.num_tokens;
+            }
+            let grad_norm = match fault {
+                Some(_) => f64::NAN,
+                None => self.clip(&mut grads)?,
             };
+            if fault.is_none() && !grad_norm.is_finite() {
+                fault = Some(format!("non-finite gradient norm ({grad_norm})"));
+            }
             let lr = schedule.lr(state.step as usize);
-            optim.step(&grads, lr)?;
-            if let Some(p) = &mut self.proxy {
-                p.after_step()?;
+            let micro_range = (state.epoch, first_micro, state.micro_batch);
+            if let Some(what) = &fault {
+                let sources: Vec<&str> = window
+                    .iter()
+                    .flat_map(|b| b.sources.iter().map(String::as_str))
+                    .collect();
+                if self.cfg.train.on_nonfinite == NonFinitePolicy::Error {
+                    return Err(self.nonfinite_error(
+                        state.step + 1,
+                        micro_range,
+                        what,
+                        &sources,
+                        &checkpoints,
+                    ));
+                }
+                state.skipped_nonfinite += 1;
+                tracing::warn!(
+                    "stage {stage_name}: step {} skipped: {what}; samples {}",
+                    state.step + 1,
+                    sources.join(", ")
+                );
+            } else {
+                optim.step(&grads, lr)?;
+                self.check_finite_params(state.step + 1)?;
+                if let Some(p) = &mut self.proxy {
+                    p.after_step()?;
+                }
             }
             state.step += 1;
-            let loss = loss_sum / micro_done as f64;
-            last_loss = Some(loss);
+            let loss = if fault.is_some() { f64::NAN } else { loss_sum };
+            last_loss = Some(loss).filter(|l| l.is_finite()).or(last_loss);
             let data_wait = batches.wait_time() - waited;
             waited = batches.wait_time();
             let epoch_done = state.micro_batch >= micro_per_epoch;
@@ -214,6 +260,7 @@ impl TrainPlan {
                 tokens_per_sec: tokens as f64 / secs,
                 elapsed_sec: state.elapsed_sec,
                 data_wait_sec: data_wait.as_secs_f64(),
+                skipped_nonfinite: state.skipped_nonfinite,
             };
             metrics.write(&m)?;
             progress.update(&m);
@@ -253,6 +300,78 @@ impl TrainPlan {
             steps: state.step,
             complete: state.step as usize >= self.total_steps,
         })
+    }
+
+    /// Clips the gradients by global norm over the clip scope and returns the norm of that
+    /// scope. The scope is the model's parameters; the proxy vectors join it only with
+    /// `optim.clip_proxy` (the reference never clips them). A non-finite proxy gradient makes the
+    /// returned norm non-finite either way, so the step is caught.
+    fn clip(&self, grads: &mut Gradients) -> Result<f64> {
+        let proxy = if self.cfg.optim.clip_proxy {
+            None
+        } else {
+            grads.remove(PROXY_PARAM)
+        };
+        let norm = match self.cfg.optim.max_grad_norm {
+            Some(max) => grads.clip_global_norm(max)?,
+            None => grads.global_norm()?,
+        };
+        let Some(g) = proxy else {
+            return Ok(norm);
+        };
+        let proxy_sq = g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?;
+        let proxy_finite = proxy_sq.to_scalar::<f64>()?.is_finite();
+        grads.insert(PROXY_PARAM, &g)?;
+        Ok(if proxy_finite { norm } else { f64::NAN })
+    }
+
+    /// The error that stops a stage at a non-finite step: which step, which samples, and which
+    /// checkpoint still holds the last finite state.
+    fn nonfinite_error(
+        &self,
+        step: u64,
+        (epoch, first, end): (usize, usize, usize),
+        what: &str,
+        sources: &[&str],
+        checkpoints: &CheckpointManager,
+    ) -> Error {
+        let last_good = match checkpoints.latest() {
+            Ok(Some(dir)) => format!(
+                "the newest checkpoint, {}, holds the last finite state",
+                dir.display()
+            ),
+            _ => "no checkpoint was written before it".to_string(),
+        };
+        Error::Model(format!(
+            "stage `{}`: step {step} (epoch {}, micro-batches {}..{}) has a {what}; samples of its \
+             batch: {}. Nothing of this step was applied and {last_good}. Lower optim.lr, check \
+             those samples, or set train.on_nonfinite = \"skip\" to drop such steps",
+            self.stage.name,
+            epoch + 1,
+            first + 1,
+            end,
+            sources.join(", ")
+        ))
+    }
+
+    /// After an update: every trainable tensor still finite (a huge `optim.lr` can overflow).
+    fn check_finite_params(&self, step: u64) -> Result<()> {
+        for p in &self.params {
+            let sum = p
+                .var
+                .as_tensor()
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
+            if !sum.is_finite() {
+                return Err(Error::Model(format!(
+                    "stage `{}`: the update of step {step} made `{}` non-finite (optim.lr = {} \
+                     too large?); nothing of it was saved",
+                    self.stage.name, p.name, self.stage.lr
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn trainable_tensors(&self) -> HashMap<String, Tensor> {
@@ -302,6 +421,7 @@ impl TrainPlan {
         let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
         let state: TrainerState =
             serde_json::from_str(&text).map_err(|e| Error::json(&state_path, e))?;
+        self.check_resume_state(dir, &state_path, &state)?;
         let weights = load_safetensors(&dir.join("trainable.safetensors"), &self.device)?;
         for p in self.params.iter().filter(|p| p.group != "proxy") {
             let t = weights.get(&p.name).ok_or_else(|| {
@@ -337,6 +457,68 @@ impl TrainPlan {
             rt.set_rng_state(seed, *stream, pos);
         }
         Ok(state)
+    }
+
+    /// A checkpoint's position must be one this stage can reach: its step within the stage, its
+    /// data position inside an epoch, the two agreeing with each other and with the directory's
+    /// name. A checkpoint of another recipe (other batch size, data or epochs) fails here
+    /// instead of silently finishing early or skipping data.
+    fn check_resume_state(
+        &self,
+        dir: &Path,
+        state_path: &Path,
+        state: &TrainerState,
+    ) -> Result<()> {
+        let bad = |reason: String| {
+            Error::Model(format!(
+                "cannot resume stage `{}` from {}: {reason}",
+                self.stage.name,
+                state_path.display()
+            ))
+        };
+        if let Some(named) = checkpoint_step(dir) {
+            if named != state.step {
+                return Err(bad(format!(
+                    "the directory is checkpoint-{named} but its step is {}",
+                    state.step
+                )));
+            }
+        }
+        if state.step as usize > self.total_steps {
+            return Err(bad(format!(
+                "step {} is past the {} steps of this stage (a checkpoint of a different recipe?)",
+                state.step, self.total_steps
+            )));
+        }
+        let micro_per_epoch = self.micro_batches_per_epoch();
+        if state.epoch > self.stage.epochs
+            || (state.epoch == self.stage.epochs && state.micro_batch != 0)
+        {
+            return Err(bad(format!(
+                "epoch {} is past the {} epochs of this stage",
+                state.epoch, self.stage.epochs
+            )));
+        }
+        if state.micro_batch >= micro_per_epoch {
+            return Err(bad(format!(
+                "micro_batch {} is beyond the {micro_per_epoch} micro-batches of an epoch \
+                 (train.batch_size = {} on {} pairs; batch size or data changed since the \
+                 checkpoint?)",
+                state.micro_batch,
+                self.cfg.train.batch_size,
+                self.batches.pairs.len()
+            )));
+        }
+        let expected = state.epoch * self.steps_per_epoch
+            + state.micro_batch.div_ceil(self.cfg.train.grad_accum);
+        if expected as u64 != state.step {
+            return Err(bad(format!(
+                "epoch {}, micro-batch {} is step {expected} of this recipe, but the checkpoint \
+                 says step {} (batch size, accumulation or data changed since the checkpoint?)",
+                state.epoch, state.micro_batch, state.step
+            )));
+        }
+        Ok(())
     }
 
     /// Stage outputs: PEFT adapter (if LoRA), fully trained groups under HF names, proxy vectors.

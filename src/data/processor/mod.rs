@@ -27,14 +27,37 @@ use resample::pil_resize;
 pub use config::{ClipProcessorConfig, ResizeTarget, SizeDict, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD};
 pub use filters::Resample;
 
-/// How a non-square image reaches the processor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How a non-square image reaches the processor (recipe `model.image_aspect`, CLI
+/// `--image-aspect`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AspectMode {
     /// Plain HF processing: shortest-edge resize then center crop (cuts the long side).
+    #[default]
     Resize,
     /// LLaVA's `image_aspect_ratio: pad` (`expand2square`): centre the image on a square canvas
     /// of the mean colour first, so nothing is cropped away.
     Pad,
+    /// The reference recipe's geometry: resize straight to the processor's output size
+    /// (`image.resize((w, h))` with the processor's filter), aspect ratio not kept, nothing
+    /// cropped or padded; the processor's own resize and crop are then identities.
+    Squash,
+}
+
+impl AspectMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AspectMode::Resize => "resize",
+            AspectMode::Pad => "pad",
+            AspectMode::Squash => "squash",
+        }
+    }
+}
+
+impl std::fmt::Display for AspectMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Preprocessed image: CHW, 3 channels, `f32`, ready to become a `[3, height, width]` tensor.
@@ -108,9 +131,17 @@ impl ClipImageProcessor {
         }
         let padded;
         let mut img = img;
-        if self.aspect == AspectMode::Pad {
-            padded = expand_to_square(img, pad_background(&self.cfg.image_mean));
-            img = &padded;
+        match self.aspect {
+            AspectMode::Pad => {
+                padded = expand_to_square(img, pad_background(&self.cfg.image_mean));
+                img = &padded;
+            }
+            AspectMode::Squash => {
+                let (h, w) = self.output;
+                padded = pil_resize(img, w, h, self.filter);
+                img = &padded;
+            }
+            AspectMode::Resize => {}
         }
         let resized;
         if self.cfg.do_resize {
@@ -162,7 +193,9 @@ fn fixed_output_size(cfg: &ClipProcessorConfig, aspect: AspectMode) -> Result<(u
         match (cfg.resize_target()?, aspect) {
             (ResizeTarget::Exact { height, width }, _) => return Ok((height, width)),
             // A square input keeps its shape under a shortest-edge resize.
-            (ResizeTarget::ShortestEdge(n), AspectMode::Pad) => return Ok((n, n)),
+            (ResizeTarget::ShortestEdge(n), AspectMode::Pad | AspectMode::Squash) => {
+                return Ok((n, n))
+            }
             (ResizeTarget::ShortestEdge(_), AspectMode::Resize) => {}
         }
     }
@@ -349,6 +382,30 @@ mod tests {
         assert_eq!(out.data[16 + 5], 20.0); // green plane, row 1
         let err = p.preprocess(&RgbImage::new(0, 3)).unwrap_err();
         assert!(matches!(err, Error::Image { .. }));
+    }
+
+    #[test]
+    fn squash_resizes_to_the_output_size_without_crop_or_padding() {
+        let json = r#"{"size": {"shortest_edge": 30}, "crop_size": {"height": 30, "width": 30}}"#;
+        let squash = processor(json, AspectMode::Squash);
+        let resize = processor(json, AspectMode::Resize);
+        assert_eq!(squash.output_size(), (30, 30));
+        let img = gradient(67, 45);
+        // Squash = one resize straight to 30x30 (the whole image kept, stretched); the HF
+        // shortest-edge resize and crop that follow are identities on a 30x30 image.
+        let want = resize
+            .preprocess(&pil_resize(&img, 30, 30, squash.filter))
+            .unwrap();
+        assert_eq!(squash.preprocess(&img).unwrap(), want);
+        assert_ne!(resize.preprocess(&img).unwrap(), want);
+        // Without a crop, a shortest-edge config still has one fixed (square) output size.
+        let no_crop = processor(
+            r#"{"size": {"shortest_edge": 12}, "do_center_crop": false}"#,
+            AspectMode::Squash,
+        );
+        assert_eq!(no_crop.output_size(), (12, 12));
+        let out = no_crop.preprocess(&gradient(40, 9)).unwrap();
+        assert_eq!((out.height, out.width), (12, 12));
     }
 
     #[test]

@@ -19,6 +19,13 @@ pub(super) fn parse_checkpoint_name(name: &str) -> Option<u64> {
     (step.to_string() == digits).then_some(step)
 }
 
+/// The step of a `checkpoint-{step}` directory, from its name; `None` for any other name.
+pub fn checkpoint_step(dir: &Path) -> Option<u64> {
+    dir.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(parse_checkpoint_name)
+}
+
 /// Removes a directory on drop unless disarmed: cleans up after errors and panics alike.
 struct DirGuard(Option<PathBuf>);
 
@@ -138,6 +145,43 @@ impl CheckpointManager {
             tracing::debug!("pruned checkpoint {}", path.display());
         }
         Ok(())
+    }
+
+    /// Clears what a killed run can leave in `root`: `.tmp-checkpoint-*` (a save in progress)
+    /// and `.deleting-checkpoint-*` (a prune in progress) are removed; `.old-checkpoint-{step}-*`
+    /// (a checkpoint being replaced) is removed when `checkpoint-{step}` exists and renamed back
+    /// when it does not, since it is then the only copy. Call it only while holding the output
+    /// directory's lock: another live run's temp directories look the same. Returns what it
+    /// removed or restored.
+    pub fn clean_stale(&self) -> Result<Vec<PathBuf>> {
+        let root = &self.root;
+        let entries = match fs::read_dir(root) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(root, e)),
+        };
+        let mut touched = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(root, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            if name.starts_with(".tmp-checkpoint-") || name.starts_with(".deleting-checkpoint-") {
+                fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+                touched.push(path);
+            } else if let Some(rest) = name.strip_prefix(".old-checkpoint-") {
+                let Some(step) = rest.split('-').next().and_then(|s| s.parse::<u64>().ok()) else {
+                    continue;
+                };
+                let dest = self.path_for(step);
+                if fs::symlink_metadata(&dest).is_ok() {
+                    fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+                } else {
+                    fs::rename(&path, &dest).map_err(|e| Error::io(&path, e))?;
+                }
+                touched.push(path);
+            }
+        }
+        Ok(touched)
     }
 
     /// `(step, path)` of every `checkpoint-{step}` directory, sorted by step (numerically). Temp

@@ -16,7 +16,7 @@ mod safetensors_io;
 #[cfg(test)]
 mod tests;
 
-pub use manager::{resolve_resume, CheckpointManager};
+pub use manager::{checkpoint_step, resolve_resume, CheckpointManager};
 pub use safetensors_io::{load_safetensors, read_safetensors_metadata, save_safetensors};
 
 /// Distinguishes temp files made by concurrent `write_atomic` calls within one process.

@@ -52,6 +52,10 @@ pub struct StepMetrics {
     /// Seconds the step waited for its data (prefetching should keep this near zero).
     #[serde(default)]
     pub data_wait_sec: f64,
+    /// Steps of the stage so far dropped for a non-finite loss or gradient
+    /// (`train.on_nonfinite = "skip"`); a skipped step's loss is `null`.
+    #[serde(default)]
+    pub skipped_nonfinite: u64,
 }
 
 /// A JSON error for `line` of a file, with the line number of the file rather than of the line.

@@ -12,6 +12,7 @@ fn m(stage: &str, step: u64, loss: f64) -> StepMetrics {
         tokens_per_sec: 1234.5,
         elapsed_sec: step as f64,
         data_wait_sec: 0.0,
+        skipped_nonfinite: 0,
     }
 }
 

@@ -97,6 +97,11 @@ impl Gradients {
         Ok(())
     }
 
+    /// Takes the gradient of `name` out (e.g. to clip the others without it).
+    pub fn remove(&mut self, name: &str) -> Option<Tensor> {
+        self.grads.remove(name)
+    }
+
     pub fn get(&self, name: &str) -> Option<&Tensor> {
         self.grads.get(name)
     }

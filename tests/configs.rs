@@ -1,0 +1,81 @@
+//! Every shipped recipe in `configs/` must stay valid: each is dry-run (plan printed, nothing
+//! trained) with its model and data paths pointed at the tiny fixtures and its device at the CPU,
+//! everything else — stages, groups, repeats, image geometry, hyper-parameters — as shipped.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn dry_run(config: &Path, out: &Path) -> (bool, String) {
+    let text = std::fs::read_to_string(config).unwrap();
+    let recipe: toml::Table = toml::from_str(&text).unwrap();
+    let sources = recipe["data"]["train"].as_array().unwrap();
+    let manifest = repo().join("tests/fixtures/pairs/pairs.jsonl");
+    let train: Vec<String> = sources
+        .iter()
+        .map(|s| {
+            let repeat = s.get("repeat").and_then(|r| r.as_integer()).unwrap_or(1);
+            format!(
+                "{{ manifest = {:?}, repeat = {repeat} }}",
+                manifest.display().to_string()
+            )
+        })
+        .collect();
+    let o = Command::new(env!("CARGO_BIN_EXE_lvlm-ift"))
+        .args(["train", "--config"])
+        .arg(config)
+        .args(["--dry-run", "--set"])
+        .arg(format!(
+            "model.path={}",
+            repo().join("tests/fixtures/tiny-llava").display()
+        ))
+        .args(["--set", "model.device=cpu", "--set"])
+        .arg(format!("data.train=[{}]", train.join(", ")))
+        .arg("--set")
+        .arg(format!("train.output_dir={}", out.display()))
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    (o.status.success(), stderr)
+}
+
+#[test]
+fn every_shipped_config_dry_runs_on_the_tiny_fixtures() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut configs: Vec<PathBuf> = std::fs::read_dir(repo().join("configs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    configs.sort();
+    assert!(configs.len() >= 4, "{configs:?}");
+    for config in &configs {
+        let name = config.file_stem().unwrap().to_string_lossy().into_owned();
+        let out = tmp.path().join(&name);
+        let (ok, stderr) = dry_run(config, &out);
+        assert!(ok, "{}: {stderr}", config.display());
+        assert!(
+            stderr.contains("total steps"),
+            "{}: {stderr}",
+            config.display()
+        );
+        assert!(
+            !out.exists(),
+            "{}: a dry run writes nothing",
+            config.display()
+        );
+        let text = std::fs::read_to_string(config).unwrap();
+        if name.starts_with("instfree-") {
+            assert!(stderr.contains("images: squash"), "{name}: {stderr}");
+        }
+        if name.contains("skincon") || name.contains("cbis") {
+            assert!(text.contains("repeat = 3"), "{name}");
+            // 12 fixture pairs x 3.
+            assert!(stderr.contains("training pairs   36"), "{name}: {stderr}");
+        }
+    }
+}
