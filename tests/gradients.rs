@@ -110,9 +110,20 @@ fn frozen_weights_get_no_gradient_buffers() {
         with_grad.is_empty(),
         "frozen weights with gradients: {with_grad:?}"
     );
-    let entries = store.lora().unwrap().entries();
+    let (entries, unrun): (Vec<_>, Vec<_>) = store
+        .lora()
+        .unwrap()
+        .entries()
+        .into_iter()
+        .partition(|e| e.a_var.is_some());
     // Every linear layer that runs: 2 text layers x 7 + 2 vision layers x 6 + projector 2 (+ lm_head excluded).
     assert_eq!(entries.len(), 2 * 7 + 2 * 6 + 2);
+    // CLIP's last layer never runs (vision_feature_layer = -2): its 6 adapters are recorded
+    // frozen, for a complete PEFT adapter.
+    assert_eq!(unrun.len(), 6);
+    assert!(unrun
+        .iter()
+        .all(|e| e.module.contains("vision_model.encoder.layers.2.") && e.b_var.is_none()));
     for e in entries {
         assert!(
             grads.get(e.a_var.as_ref().unwrap().as_tensor()).is_some(),

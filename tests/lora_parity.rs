@@ -34,18 +34,21 @@ fn load_with_init_adapter(trainable: bool) -> (LlavaModel, WeightStore) {
     .unwrap()
 }
 
-/// PEFT name of each trainable adapter tensor, with its Var.
+/// PEFT name of each trainable adapter tensor, with its Var. The adapters of CLIP's last layer,
+/// which never runs under `vision_feature_layer = -2`, are kept frozen (no Var).
 fn named_vars(store: &WeightStore) -> Vec<(String, candle_core::Var)> {
     let mut out = vec![];
     for e in store.lora().unwrap().entries() {
-        out.push((
-            format!("base_model.model.{}.lora_A.weight", e.module),
-            e.a_var.unwrap(),
-        ));
-        out.push((
-            format!("base_model.model.{}.lora_B.weight", e.module),
-            e.b_var.unwrap(),
-        ));
+        let (Some(a), Some(b)) = (e.a_var, e.b_var) else {
+            assert!(
+                e.module.contains("vision_model.encoder.layers.2."),
+                "{}",
+                e.module
+            );
+            continue;
+        };
+        out.push((format!("base_model.model.{}.lora_A.weight", e.module), a));
+        out.push((format!("base_model.model.{}.lora_B.weight", e.module), b));
     }
     out
 }

@@ -167,9 +167,9 @@ fn resume_refuses_a_checkpoint_whose_position_this_stage_cannot_reach() {
     let cfg = recipe(&out, &s(&["train.epochs=2"])).unwrap();
     let e = error_chain(&run_recipe(&cfg, Resume::Checkpoint(renamed.clone()), true).unwrap_err());
     assert!(e.contains("checkpoint-1 but its step is 2"), "{e}");
-    // The position fits, but this recipe (batch size 1) puts another step there.
+    // The position fits, but this recipe (no accumulation) puts another step there.
     fs::rename(&renamed, &ckpt).unwrap();
-    let cfg = recipe(&out, &s(&["train.epochs=2", "train.batch_size=1"])).unwrap();
+    let cfg = recipe(&out, &s(&["train.epochs=2", "train.grad_accum=1"])).unwrap();
     let e = error_chain(&run_recipe(&cfg, Resume::Checkpoint(ckpt.clone()), true).unwrap_err());
     assert!(e.contains("is step") && e.contains("says step 2"), "{e}");
     // And the untouched checkpoint still resumes.
