@@ -180,7 +180,7 @@ fn render(a: &Attributes, side: u32, (cx, cy): (f32, f32), rng: &mut ChaCha8Rng)
         let (fx, fy) = (x as f32 + 0.5, y as f32 + 0.5);
         let base = if !inside(fx, fy) {
             background
-        } else if striped && ((x + y) / period) % 2 == 0 {
+        } else if striped && ((x + y) / period).is_multiple_of(2) {
             stripe
         } else {
             fill

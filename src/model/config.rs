@@ -307,7 +307,7 @@ fn resolve_text(raw: &RawTextConfig, top_tie: Option<bool>, path: &Path) -> Resu
     if num_attention_heads == 0 || num_key_value_heads == 0 {
         return Err(bad(path, "text_config.num_attention_heads", "must be > 0"));
     }
-    if num_attention_heads % num_key_value_heads != 0 {
+    if !num_attention_heads.is_multiple_of(num_key_value_heads) {
         return Err(bad(
             path,
             "text_config.num_key_value_heads",
@@ -316,7 +316,7 @@ fn resolve_text(raw: &RawTextConfig, top_tie: Option<bool>, path: &Path) -> Resu
             ),
         ));
     }
-    if head_dim % 2 != 0 {
+    if !head_dim.is_multiple_of(2) {
         return Err(bad(path, "text_config.head_dim", "must be even for RoPE"));
     }
     if let Some(act) = &raw.hidden_act {
@@ -422,7 +422,7 @@ fn resolve_vision(raw: &RawVisionConfig, path: &Path) -> Result<VisionConfig> {
         patch_size: raw.patch_size.unwrap_or(32),
         layer_norm_eps: raw.layer_norm_eps.unwrap_or(1e-5),
     };
-    if cfg.patch_size == 0 || cfg.image_size % cfg.patch_size != 0 {
+    if cfg.patch_size == 0 || !cfg.image_size.is_multiple_of(cfg.patch_size) {
         return Err(bad(
             path,
             "vision_config.patch_size",
@@ -432,7 +432,7 @@ fn resolve_vision(raw: &RawVisionConfig, path: &Path) -> Result<VisionConfig> {
             ),
         ));
     }
-    if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+    if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
         return Err(bad(
             path,
             "vision_config.num_attention_heads",

@@ -268,7 +268,7 @@ impl TrainPlan {
                 .cfg
                 .train
                 .save_every
-                .is_some_and(|n| state.step % n as u64 == 0);
+                .is_some_and(|n| state.step.is_multiple_of(n as u64));
             if periodic || epoch_done || state.step as usize >= halt_at {
                 state.dropout_rng = runtime.as_ref().map(|rt| {
                     let (seed, stream, pos) = rt.rng_state();
