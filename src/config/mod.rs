@@ -99,9 +99,15 @@ impl TrainConfig {
             set_path(&mut value, key.trim(), parse_value(raw.trim()))
                 .map_err(|reason| bad(key.trim(), reason))?;
         }
-        let cfg: TrainConfig = value
-            .try_into()
-            .map_err(|e: toml::de::Error| bad("(schema)", e.to_string()))?;
+        let cfg: TrainConfig = value.try_into().map_err(|e: toml::de::Error| {
+            // toml ends the message with "in `key.path`": make that the key of the error.
+            let msg = e.to_string();
+            let msg = msg.trim_end();
+            match msg.rsplit_once("\nin `") {
+                Some((reason, key)) => bad(key.trim_end_matches('`'), reason.trim().to_string()),
+                None => bad("(schema)", msg.to_string()),
+            }
+        })?;
         cfg.validate(path)?;
         Ok(cfg)
     }
