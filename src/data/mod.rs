@@ -3,6 +3,7 @@
 pub mod batch;
 pub mod collate;
 pub mod csv_line;
+pub mod csv_strict;
 pub mod dicom;
 pub mod image;
 pub mod loader;

@@ -4,6 +4,9 @@
 //! - **CSV** (`.csv`): a header row with an `image` column and a `text` column (or, failing
 //!   that, a `description` column); other columns are ignored. Quoted fields may hold commas,
 //!   quotes and newlines. A row's line is the line its record starts on (the header is line 1).
+//!   The file is read strictly ([`crate::data::csv_strict`]): a row with more or fewer fields than
+//!   the header, two header columns of the same name, a quoted field that is never closed (named
+//!   by the line its quote opens on) or text after a closing quote is an error.
 //! - **JSONL** (`.jsonl`, `.ndjson`): one object `{"image": ..., "text": ...}` per line
 //!   (`description` is accepted instead of `text`; `text` wins when both are present). Blank
 //!   lines are skipped; lines are numbered from 1.
