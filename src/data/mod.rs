@@ -8,6 +8,7 @@ pub mod dicom;
 pub mod image;
 pub mod loader;
 pub mod pairs;
+pub mod paths;
 pub mod processor;
 pub mod prompt;
 pub mod shuffle;

@@ -319,6 +319,53 @@ fn csv_unterminated_quote_is_an_error_naming_its_line() {
 }
 
 #[test]
+fn image_paths_climbing_out_of_the_image_root_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fs::create_dir_all(d.join("root/sub")).unwrap();
+    // The escaping files exist, so only the path check can refuse them.
+    png(d, "outside.png");
+    png(d, "root/in.png");
+    let abs = png(d, "abs.png");
+    let m = write(
+        d,
+        "root/p.jsonl",
+        &format!(
+            "{{\"image\": \"../outside.png\", \"text\": \"up\"}}\n\
+             {{\"image\": \"sub/../../outside.png\", \"text\": \"up again\"}}\n\
+             {{\"image\": \"sub/../in.png\", \"text\": \"inside\"}}\n\
+             {{\"image\": \"{}\", \"text\": \"absolute\"}}\n",
+            abs.display()
+        ),
+    );
+    let (_, reason) = config_reason(load_pairs(&PairSource::new(&m)).unwrap_err());
+    let f = m.display();
+    assert!(reason.starts_with("2 problems"), "{reason}");
+    let root = d.join("root");
+    for (line, path) in [(1, "../outside.png"), (2, "sub/../../outside.png")] {
+        assert!(
+            reason.contains(&format!(
+                "{f}:{line}: image path `{path}` leaves the image root {} (its `..` climbs above it)",
+                root.display()
+            )),
+            "{reason}"
+        );
+    }
+    // CSV manifests and an explicit image root are checked the same way.
+    let m = write(d, "p.csv", "image,text\n../outside.png,up\nin.png,ok\n");
+    let src = PairSource {
+        image_root: Some(root.clone()),
+        ..PairSource::new(&m)
+    };
+    let (_, reason) = config_reason(load_pairs(&src).unwrap_err());
+    assert!(reason.starts_with("1 problem "), "{reason}");
+    assert!(
+        reason.contains(&format!("{}:2: image path `../outside.png`", m.display())),
+        "{reason}"
+    );
+}
+
+#[test]
 fn csv_without_required_columns_names_them() {
     let dir = tempfile::tempdir().unwrap();
     let m = write(dir.path(), "p.csv", "img_name,label\na.png,x\n");
