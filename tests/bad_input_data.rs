@@ -142,3 +142,132 @@ fn dicom_over_the_pixel_limit_is_refused_from_its_header() {
     );
 }
 
+// ---------------------------------------------------------------------------------------------
+// prepare --benchmark wbcatt
+
+/// A copy of the WBCAtt fixture in `TMP/src` with `edit` applied to the data lines of the train
+/// file; returns `(TMP, TMP/src)`.
+fn wbcatt_with_train(edit: impl Fn(usize, &str) -> String) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    copy_dir(&bench_fixture("wbcatt"), &src);
+    let train = src.join("pbc_attr_v1_train.csv");
+    let text = std::fs::read_to_string(&train).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    for (i, l) in lines.iter_mut().enumerate().skip(1) {
+        *l = edit(i + 1, l);
+    }
+    std::fs::write(&train, lines.join("\n") + "\n").unwrap();
+    (dir, src)
+}
+
+/// Replace field `col` (0-based) of a CSV line without quotes.
+fn set_field(line: &str, col: usize, value: &str) -> String {
+    let mut f: Vec<&str> = line.split(',').collect();
+    f[col] = value;
+    f.join(",")
+}
+
+#[test]
+fn wbcatt_unknown_and_empty_train_values_are_listed_and_left_out() {
+    // Line 2: cytoplasm_texture (column 8) "medium", not in [clear, frosted];
+    // line 3: an empty label (column 1); line 4: an empty last attribute (granularity, column 12).
+    let (dir, src) = wbcatt_with_train(|line, l| match line {
+        2 => set_field(l, 8, "medium"),
+        3 => set_field(l, 1, ""),
+        4 => set_field(l, 12, ""),
+        _ => l.to_string(),
+    });
+    let out = dir.path().join("out");
+    let summary = wbcatt::prepare(&src, &out, &PrepareOptions::default()).unwrap();
+    let train = read_jsonl(&out.join("train.jsonl"));
+    // No row is dropped: each is described by its other attributes.
+    assert_eq!(train.len(), 10);
+    for p in &train {
+        let t = p["text"].as_str().unwrap();
+        assert!(!t.contains("medium"), "{t}");
+        assert!(
+            !t.ends_with(", ") && !t.ends_with(',') && !t.contains(", ,") && !t.starts_with(','),
+            "{t:?}"
+        );
+        assert!(t.split(", ").all(|piece| !piece.trim().is_empty()), "{t:?}");
+    }
+    let reasons: Vec<String> = summary
+        .skipped
+        .iter()
+        .map(|s| format!("{}: {}", s.source, s.reason))
+        .collect();
+    println!("{reasons:#?}");
+    for want in [
+        "pbc_attr_v1_train.csv:2: unknown value \"medium\" for `cytoplasm_texture` (options: \
+         clear, frosted); attribute left out of the training description",
+        "pbc_attr_v1_train.csv:3: empty value for `label` (options: Basophil, Eosinophil, \
+         Lymphocyte, Monocyte, Neutrophil); attribute left out of the training description",
+        "pbc_attr_v1_train.csv:4: empty value for `granularity` (options: yes, no); attribute \
+         left out of the training description",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r == want),
+            "missing {want:?} in {reasons:#?}"
+        );
+    }
+    // The fixture's own unknown test value is still reported for its question.
+    assert!(reasons
+        .iter()
+        .any(|r| r.starts_with("pbc_attr_v1_test.csv:5: unknown value \"medium\"")));
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(written["skipped"].as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn wbcatt_description_never_has_empty_or_unknown_pieces() {
+    let mut values: [String; 12] = std::array::from_fn(|_| "nil".to_string());
+    values[0] = "big".into(); // cell_size
+    values[7] = "".into(); // cytoplasm_colour
+    values[11] = "".into(); // label
+    assert_eq!(wbcatt::description(&values), "big cell size");
+    values[11] = "Blast".into();
+    assert_eq!(wbcatt::description(&values), "big cell size");
+    assert_eq!(
+        wbcatt::unknown_values(&values),
+        vec![("cytoplasm_colour", ""), ("label", "Blast")]
+    );
+}
+
+#[test]
+fn wbcatt_paths_outside_the_source_are_errors_naming_file_and_line() {
+    for (bad, what) in [
+        ("../outside.png", "dot-dot"),
+        ("PBC_dataset_normal_DIB/../../outside.png", "nested dot-dot"),
+        ("/etc/hostname", "absolute"),
+    ] {
+        let (dir, src) = wbcatt_with_train(|line, l| {
+            if line == 3 {
+                set_field(l, 13, bad)
+            } else {
+                l.to_string()
+            }
+        });
+        // The escaping file exists, so only the path check can refuse it.
+        std::fs::copy(
+            src.join("PBC_dataset_normal_DIB/basophil/TR_BAS_000.png"),
+            dir.path().join("outside.png"),
+        )
+        .unwrap();
+        let err = wbcatt::prepare(&src, &dir.path().join("out"), &PrepareOptions::default())
+            .unwrap_err()
+            .to_string();
+        println!("{err}");
+        assert!(
+            err.contains(&format!(
+                "1 image path(s) outside the source directory (absolute, or `..` climbing above \
+                 it; `path` must be relative to the source directory and stay inside it): \
+                 pbc_attr_v1_train.csv:3: {bad}"
+            )),
+            "{what}: {err}"
+        );
+        assert!(!dir.path().join("out/train.jsonl").exists(), "{what}");
+    }
+}
+
