@@ -271,3 +271,144 @@ fn wbcatt_paths_outside_the_source_are_errors_naming_file_and_line() {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// prepare --benchmark skincon: the release's and the reference's layouts
+
+/// A copy of the SKINCON fixture in the reference's layout.
+fn skincon_reference_layout() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&bench_fixture("skincon"), dir.path());
+    std::fs::rename(
+        dir.path().join(skincon::ANNOTATIONS),
+        dir.path().join(skincon::REFERENCE_ANNOTATIONS),
+    )
+    .unwrap();
+    std::fs::rename(
+        dir.path().join(skincon::IMAGE_DIR),
+        dir.path().join(skincon::REFERENCE_IMAGE_DIR),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn skincon_reads_the_reference_layout_and_says_so() {
+    let dir = skincon_reference_layout();
+    let src = dir.path().canonicalize().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let summary = skincon::prepare(&src, out.path(), &PrepareOptions::default()).unwrap();
+    assert_eq!(
+        summary.layout.as_deref(),
+        Some("reference (fitzpatrick17k_anno.csv, fitzpatrick17k/)")
+    );
+    // The same pairs and items as from the release layout, the images in the other directory.
+    let base = bench_fixture("skincon");
+    let img = abs_image(&src);
+    let img = |rel: &str| img(&rel.replacen("images/", "fitzpatrick17k/", 1));
+    for (file, exp) in [
+        ("train.jsonl", "expected_train.jsonl"),
+        ("val.jsonl", "expected_val.jsonl"),
+        ("mcq_val.jsonl", "expected_mcq_val.jsonl"),
+        ("mcq_test.jsonl", "expected_mcq_test.jsonl"),
+    ] {
+        compare(&out.path().join(file), &base.join(exp), &img);
+    }
+    let items = read_jsonl(&out.path().join("mcq_val.jsonl"));
+    assert!(items[0]["source"]
+        .as_str()
+        .unwrap()
+        .contains("fitzpatrick17k_anno.csv:"));
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        written["layout"],
+        "reference (fitzpatrick17k_anno.csv, fitzpatrick17k/)"
+    );
+
+    // The release layout says so too.
+    let out = tempfile::tempdir().unwrap();
+    let summary = skincon::prepare(&base, out.path(), &PrepareOptions::default()).unwrap();
+    assert_eq!(
+        summary.layout.as_deref(),
+        Some("release (annotations_fitzpatrick17k.csv, images/)")
+    );
+}
+
+#[test]
+fn skincon_with_both_or_neither_layout_is_an_error_listing_what_was_looked_for() {
+    let looked_for =
+        "looked for annotations_fitzpatrick17k.csv with images/ (the SKINCON release) \
+                      or fitzpatrick17k_anno.csv with fitzpatrick17k/ (the reference's \
+                      preprocessing)";
+    let dir = skincon_reference_layout();
+    copy_dir(
+        &bench_fixture("skincon").join(skincon::IMAGE_DIR),
+        &dir.path().join(skincon::IMAGE_DIR),
+    );
+    std::fs::copy(
+        bench_fixture("skincon").join(skincon::ANNOTATIONS),
+        dir.path().join(skincon::ANNOTATIONS),
+    )
+    .unwrap();
+    let prep = |d: &Path| {
+        skincon::prepare(d, &d.join("out"), &PrepareOptions::default())
+            .unwrap_err()
+            .to_string()
+    };
+    let err = prep(dir.path());
+    println!("{err}");
+    assert!(
+        err.contains(&format!(
+            "both annotations_fitzpatrick17k.csv and fitzpatrick17k_anno.csv are present, so \
+             which annotations to read is ambiguous; keep one ({looked_for})"
+        )),
+        "{err}"
+    );
+
+    let empty = tempfile::tempdir().unwrap();
+    let err = prep(empty.path());
+    println!("{err}");
+    assert!(
+        err.contains(&format!("no SKINCON annotation file found; {looked_for}")),
+        "{err}"
+    );
+
+    // The reference's file without its image directory.
+    std::fs::remove_file(dir.path().join(skincon::ANNOTATIONS)).unwrap();
+    std::fs::remove_dir_all(dir.path().join(skincon::REFERENCE_IMAGE_DIR)).unwrap();
+    let err = prep(dir.path());
+    println!("{err}");
+    assert!(
+        err.contains(&format!(
+            "fitzpatrick17k_anno.csv is present but its image directory fitzpatrick17k/ is not; \
+             {looked_for}"
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn skincon_cli_prints_the_layout_it_found() {
+    let dir = skincon_reference_layout();
+    let out = dir.path().join("out");
+    let o = Command::new(env!("CARGO_BIN_EXE_lvlm-ift"))
+        .args(["-v", "prepare", "--benchmark", "skincon", "--source"])
+        .arg(dir.path())
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("source layout: reference (fitzpatrick17k_anno.csv, fitzpatrick17k/)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr
+            .contains("skincon: reference (fitzpatrick17k_anno.csv, fitzpatrick17k/) layout found"),
+        "{stderr}"
+    );
+}
+

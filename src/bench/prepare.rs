@@ -47,6 +47,10 @@ pub struct Skipped {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct PrepareSummary {
     pub benchmark: String,
+    /// Which of a benchmark's accepted source layouts was read (SKINCON: release or reference
+    /// names); absent for benchmarks with one layout.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layout: Option<String>,
     pub pairs: BTreeMap<String, usize>,
     pub items: BTreeMap<String, usize>,
     pub items_per_key: BTreeMap<String, BTreeMap<String, usize>>,
