@@ -412,3 +412,47 @@ fn skincon_cli_prints_the_layout_it_found() {
     );
 }
 
+// ---------------------------------------------------------------------------------------------
+// Weights: an integer dtype for a float parameter
+
+#[test]
+fn integer_dtype_for_a_float_weight_is_an_error_naming_tensor_dtype_and_file() {
+    use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixtures().join("tiny-llava"), dir.path());
+    let file = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let target = "language_model.model.norm.weight";
+    {
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let views: Vec<(String, TensorView)> = st
+            .tensors()
+            .into_iter()
+            .map(|(name, v)| {
+                if name == target {
+                    assert_eq!(v.dtype(), Dtype::F32);
+                    // The same bytes, declared as U32.
+                    let v = TensorView::new(Dtype::U32, v.shape().to_vec(), v.data()).unwrap();
+                    (name, v)
+                } else {
+                    (name, v)
+                }
+            })
+            .collect();
+        let meta = Some([("format".to_string(), "pt".to_string())].into());
+        safetensors::serialize_to_file(views, meta, &file).unwrap();
+    }
+    let err = lvlm_ift::model::llava::LlavaModel::load(dir.path(), Default::default())
+        .err()
+        .expect("a U32 weight must not load")
+        .to_string();
+    println!("{err}");
+    assert!(
+        err.contains(&format!(
+            "weight `{target}` in {} is stored as U32, not a float dtype; \
+             `model.language_model.norm.weight` is a float parameter",
+            file.display()
+        )),
+        "{err}"
+    );
+}
