@@ -13,6 +13,7 @@ use image::imageops::FilterType;
 use image::{DynamicImage, GenericImage, ImageBuffer, Luma, Rgb};
 
 use crate::data::dicom::load_dicom_gray8;
+use crate::data::image::load_dynamic;
 use crate::error::{Error, Result};
 
 /// Scaled size `(w', h')` of a `w`×`h` image letterboxed into `size`×`size`.
@@ -48,7 +49,8 @@ pub fn letterbox(img: &DynamicImage, size: u32) -> DynamicImage {
 
 /// Read `src`, letterbox it to `size`×`size`, write it to `dst` (format from `dst`'s extension,
 /// parent directories created). The source format is guessed from the content; a `.dcm` source is
-/// decoded to 8-bit grey with [`load_dicom_gray8`]'s windowing. Returns `dst`.
+/// decoded to 8-bit grey with [`load_dicom_gray8`]'s windowing. Sources over
+/// [`crate::data::image::MAX_IMAGE_PIXELS`] are refused before decoding. Returns `dst`.
 pub fn letterbox_file(src: &Path, dst: &Path, size: u32) -> Result<PathBuf> {
     let is_dicom = src
         .extension()
@@ -56,15 +58,7 @@ pub fn letterbox_file(src: &Path, dst: &Path, size: u32) -> Result<PathBuf> {
     let img = if is_dicom {
         DynamicImage::ImageLuma8(load_dicom_gray8(src)?)
     } else {
-        image::ImageReader::open(src)
-            .map_err(|e| Error::io(src, e))?
-            .with_guessed_format()
-            .map_err(|e| Error::io(src, e))?
-            .decode()
-            .map_err(|e| Error::Image {
-                path: src.to_path_buf(),
-                reason: e.to_string(),
-            })?
+        load_dynamic(src)?
     };
     let out = letterbox(&img, size);
     if let Some(parent) = dst.parent() {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::data::csv_line::position_line;
+use crate::data::csv_strict::read_strict;
 use crate::error::{Error, Result};
 use crate::eval::mcq::McqItem;
 use crate::train::checkpoint::write_atomic;
@@ -47,6 +47,10 @@ pub struct Skipped {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct PrepareSummary {
     pub benchmark: String,
+    /// Which of a benchmark's accepted source layouts was read (SKINCON: release or reference
+    /// names); absent for benchmarks with one layout.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layout: Option<String>,
     pub pairs: BTreeMap<String, usize>,
     pub items: BTreeMap<String, usize>,
     pub items_per_key: BTreeMap<String, BTreeMap<String, usize>>,
@@ -107,8 +111,10 @@ pub fn write_outputs(
 }
 
 /// A released label file read whole: trimmed header names (a UTF-8 BOM dropped) and
-/// `(line, record)` per data row, every row with the header's number of fields. Errors name the
-/// file and the line ([`crate::data::csv_line`]: right for CRLF files and quoted newlines too).
+/// `(line, record)` per data row, every row with the header's number of fields. Read with
+/// [`crate::data::csv_strict`]: ragged rows, duplicate column names and broken quoting (a quoted
+/// field never closed, text after a closing quote) are errors. Errors name the file and the line
+/// ([`crate::data::csv_line`]: right for CRLF files and quoted newlines too).
 #[derive(Debug, Clone)]
 pub struct CsvTable {
     pub path: PathBuf,
@@ -117,41 +123,26 @@ pub struct CsvTable {
 }
 
 impl CsvTable {
-    /// Read `path` whole; a malformed or ragged row is an error naming the file and line.
+    /// Read `path` whole; a malformed or ragged row is an error naming the file and line (the
+    /// first such row).
     pub fn read(path: &Path) -> Result<CsvTable> {
         let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let mut rdr = csv::ReaderBuilder::new()
-            .flexible(false)
-            .from_reader(data.as_slice());
-        let csv_err = |e: csv::Error| {
-            let line = position_line(&data, e.position());
-            let reason = match e.kind() {
-                csv::ErrorKind::UnequalLengths {
-                    expected_len, len, ..
-                } => format!("line {line}: the row has {len} field(s), the header {expected_len}"),
-                csv::ErrorKind::Utf8 { .. } => format!("line {line}: not valid UTF-8"),
-                _ => format!("line {line}: {e}"),
-            };
-            Error::Config {
-                path: path.to_path_buf(),
-                key: "csv".into(),
-                reason,
-            }
+        let csv_err = |line: u64, reason: String| Error::Config {
+            path: path.to_path_buf(),
+            key: "csv".into(),
+            reason: format!("line {line}: {reason}"),
         };
-        let headers: Vec<String> = rdr
-            .headers()
-            .map_err(csv_err)?
-            .iter()
-            .map(|h| h.trim_start_matches('\u{feff}').trim().to_string())
-            .collect();
-        let mut rows = Vec::new();
-        for rec in rdr.records() {
-            let rec = rec.map_err(csv_err)?;
-            rows.push((position_line(&data, rec.position()), rec));
+        let table = read_strict(&data).map_err(|f| csv_err(f.line, f.reason))?;
+        let mut rows = Vec::with_capacity(table.rows.len());
+        for row in table.rows {
+            let rec = row.record.map_err(|reason| csv_err(row.line, reason))?;
+            let rec = csv::StringRecord::from_byte_record(rec)
+                .map_err(|_| csv_err(row.line, "not valid UTF-8".into()))?;
+            rows.push((row.line, rec));
         }
         Ok(CsvTable {
             path: path.to_path_buf(),
-            headers,
+            headers: table.headers,
             rows,
         })
     }
@@ -234,6 +225,27 @@ mod tests {
         assert!(err.contains("t.csv"), "{err}");
         assert!(
             err.contains("line 3: the row has 1 field(s), the header 2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn csv_table_refuses_duplicate_columns_and_unterminated_quotes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.csv");
+        std::fs::write(&p, "a,b,a\r\n1,2,3\r\n").unwrap();
+        let err = CsvTable::read(&p).unwrap_err().to_string();
+        assert!(err.contains("t.csv"), "{err}");
+        assert!(
+            err.contains("line 1: duplicate column `a` (columns 1 and 3 of the header)"),
+            "{err}"
+        );
+
+        std::fs::write(&p, "a,b\r\n1,\"open\r\n2,y\r\n").unwrap();
+        let err = CsvTable::read(&p).unwrap_err().to_string();
+        assert!(err.contains("t.csv"), "{err}");
+        assert!(
+            err.contains("line 2: unterminated quoted field: the quote opened on line 2"),
             "{err}"
         );
     }

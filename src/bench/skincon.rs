@@ -2,7 +2,9 @@
 //!
 //! Source: the annotation CSV [`ANNOTATIONS`] (a leading unnamed index column, header empty or
 //! `Unnamed: 0`; `ImageID`; the binary concept columns; `Do not consider this image`) and the images
-//! under `images/`, named by `ImageID`. The protocol is `METHOD.md`, "Image-description pairs and MCQ
+//! under `images/`, named by `ImageID` (the release's names), or the same file as
+//! [`REFERENCE_ANNOTATIONS`] with the images under `fitzpatrick17k/` (the names the reference's
+//! preprocessing reads); see [`Layout::detect`]. The summary's `layout` says which was found. The protocol is `METHOD.md`, "Image-description pairs and MCQ
 //! sets per benchmark", SKINCON paragraph:
 //!
 //! * Rows flagged `Do not consider this image` (value 1) are dropped and reported in
@@ -41,8 +43,99 @@ use crate::error::{Error, Result};
 use crate::eval::mcq::McqItem;
 
 pub const BENCHMARK: &str = "skincon";
+/// The annotation file and image directory of the SKINCON release.
 pub const ANNOTATIONS: &str = "annotations_fitzpatrick17k.csv";
 pub const IMAGE_DIR: &str = "images";
+/// The names the reference's preprocessing expects instead.
+pub const REFERENCE_ANNOTATIONS: &str = "fitzpatrick17k_anno.csv";
+pub const REFERENCE_IMAGE_DIR: &str = "fitzpatrick17k";
+
+/// Where in `--source` the annotation file and the images are: the release's names or the ones
+/// the reference's preprocessing reads (same file, renamed; the images in another directory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// [`ANNOTATIONS`] and [`IMAGE_DIR`]`/`.
+    Release,
+    /// [`REFERENCE_ANNOTATIONS`] and [`REFERENCE_IMAGE_DIR`]`/`.
+    Reference,
+}
+
+impl Layout {
+    pub fn annotations(self) -> &'static str {
+        match self {
+            Layout::Release => ANNOTATIONS,
+            Layout::Reference => REFERENCE_ANNOTATIONS,
+        }
+    }
+
+    pub fn image_dir(self) -> &'static str {
+        match self {
+            Layout::Release => IMAGE_DIR,
+            Layout::Reference => REFERENCE_IMAGE_DIR,
+        }
+    }
+
+    /// How the summary names it, e.g. `release (annotations_fitzpatrick17k.csv, images/)`.
+    pub fn describe(self) -> String {
+        let name = match self {
+            Layout::Release => "release",
+            Layout::Reference => "reference",
+        };
+        format!("{name} ({}, {}/)", self.annotations(), self.image_dir())
+    }
+
+    /// The layout `source` holds: exactly one annotation file of the two layouts must be there,
+    /// with its image directory. Both, neither, or the file without its directory is an
+    /// [`Error::Config`] listing what was looked for.
+    pub fn detect(source: &Path) -> Result<Layout> {
+        let looked_for = format!(
+            "looked for {} with {}/ (the SKINCON release) or {} with {}/ (the reference's \
+             preprocessing)",
+            Layout::Release.annotations(),
+            Layout::Release.image_dir(),
+            Layout::Reference.annotations(),
+            Layout::Reference.image_dir()
+        );
+        let found: Vec<Layout> = [Layout::Release, Layout::Reference]
+            .into_iter()
+            .filter(|l| source.join(l.annotations()).is_file())
+            .collect();
+        let layout = match found.as_slice() {
+            [one] => *one,
+            [] => {
+                return Err(Error::Config {
+                    path: source.to_path_buf(),
+                    key: "skincon layout".into(),
+                    reason: format!("no SKINCON annotation file found; {looked_for}"),
+                })
+            }
+            _ => {
+                return Err(Error::Config {
+                    path: source.to_path_buf(),
+                    key: "skincon layout".into(),
+                    reason: format!(
+                        "both {} and {} are present, so which annotations to read is ambiguous; \
+                         keep one ({looked_for})",
+                        Layout::Release.annotations(),
+                        Layout::Reference.annotations()
+                    ),
+                })
+            }
+        };
+        if !source.join(layout.image_dir()).is_dir() {
+            return Err(Error::Config {
+                path: source.to_path_buf(),
+                key: "skincon layout".into(),
+                reason: format!(
+                    "{} is present but its image directory {}/ is not; {looked_for}",
+                    layout.annotations(),
+                    layout.image_dir()
+                ),
+            });
+        }
+        Ok(layout)
+    }
+}
 pub const ID_COLUMN: &str = "ImageID";
 pub const FLAG_COLUMN: &str = "Do not consider this image";
 pub const KEY: &str = "dermatologic feature";
@@ -206,10 +299,9 @@ pub fn read_annotations_with(file: &Path, skin: &SkinconOptions) -> Result<Annot
     Ok(out)
 }
 
-/// The image file of an id: `images/{id}`, or with `.jpg`/`.jpeg`/`.png` appended when the id has
-/// no extension and only such a file exists.
-pub fn image_path(source: &Path, image_id: &str) -> Option<PathBuf> {
-    let dir = source.join(IMAGE_DIR);
+/// The image file of an id in the image directory `dir`: `dir/{id}`, or with `.jpg`/`.jpeg`/`.png`
+/// appended when the id has no extension and only such a file exists.
+pub fn image_path(dir: &Path, image_id: &str) -> Option<PathBuf> {
     let p = dir.join(image_id);
     if p.is_file() {
         return Some(p);
@@ -273,21 +365,29 @@ pub fn prepare_with(
     let source = source.canonicalize().map_err(|e| Error::io(source, e))?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let out = out.canonicalize().map_err(|e| Error::io(out, e))?;
-    let ann = read_annotations_with(&source.join(ANNOTATIONS), skin)?;
+    let layout = Layout::detect(&source)?;
+    tracing::info!(
+        "skincon: {} layout found in {}",
+        layout.describe(),
+        source.display()
+    );
+    let annotations = layout.annotations();
+    let image_dir = source.join(layout.image_dir());
+    let ann = read_annotations_with(&source.join(annotations), skin)?;
 
     let mut missing = Vec::new();
     let mut by_id: HashMap<String, (PathBuf, &Annotation)> = HashMap::new();
     for a in &ann.rows {
-        match image_path(&source, &a.image_id) {
+        match image_path(&image_dir, &a.image_id) {
             Some(p) => {
                 by_id.insert(a.image_id.clone(), (p, a));
             }
-            None => missing.push(format!("{ANNOTATIONS}:{}: {}", a.line, a.image_id)),
+            None => missing.push(format!("{annotations}:{}: {}", a.line, a.image_id)),
         }
     }
     if !missing.is_empty() {
         return Err(Error::Config {
-            path: source.join(IMAGE_DIR),
+            path: image_dir.clone(),
             key: "images".into(),
             reason: format!(
                 "{} referenced image(s) absent: {}",
@@ -302,7 +402,7 @@ pub fn prepare_with(
     let pool = pool(ann.rows.iter().map(|a| a.combination.as_str()));
     if pool.len() < DISTRACTORS + 1 {
         return Err(Error::Config {
-            path: source.join(ANNOTATIONS),
+            path: source.join(annotations),
             key: "concepts".into(),
             reason: format!(
                 "{} distinct concept combinations; at least {} are needed for {DISTRACTORS} distractors",
@@ -363,7 +463,7 @@ pub fn prepare_with(
                     key: KEY.to_string(),
                     options,
                     answer,
-                    source: Some(format!("{BENCHMARK} {split} {ANNOTATIONS}:{}", a.line)),
+                    source: Some(format!("{BENCHMARK} {split} {annotations}:{}", a.line)),
                 }
             })
             .collect()
@@ -372,6 +472,7 @@ pub fn prepare_with(
     let mcq_test = items("test", &test_ids, &test_images);
 
     let mut summary = PrepareSummary::new(BENCHMARK);
+    summary.layout = Some(layout.describe());
     summary.skipped = ann.skipped.clone();
     write_outputs(&out, &train, &val, &mcq_val, &mcq_test, &mut summary)?;
     Ok(summary)

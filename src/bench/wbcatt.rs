@@ -22,6 +22,13 @@
 //! shuffle, so later rows get the reference's keys). Values are compared exactly (no trimming or case
 //! folding), as the reference's list lookup does. Missing columns are an error naming the column;
 //! images referenced by any of the three files but absent are listed together in one error.
+//!
+//! Training descriptions (train and val files) never carry a value the key cannot take (outside
+//! its option list, or an empty cell): the reference writes it verbatim (an empty one as a
+//! dangling piece); here the attribute is left out of that row's description, like `nil`, and
+//! listed in `summary.skipped` as `file:line` with the key and value. The row keeps its other
+//! attributes (a row left with nothing to describe is dropped and listed). A `path` that is
+//! absolute or climbs out of the source directory is an error naming `file:line`.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -31,6 +38,7 @@ use super::prepare::{
     display_path, write_outputs, CsvTable, PairRecord, PrepareOptions, PrepareSummary, Skipped,
 };
 use super::pyrandom::PyRandom;
+use crate::data::paths::escapes_root;
 use crate::error::{Error, Result};
 use crate::eval::mcq::McqItem;
 
@@ -133,13 +141,32 @@ impl Row {
     }
 }
 
+/// Whether `value` is one `key` can take: `nil` (not annotated) or one of [`options_for`]`(key)`,
+/// compared exactly. An empty cell is not.
+pub fn is_known_value(key: &str, value: &str) -> bool {
+    value == "nil" || options_for(key).is_some_and(|o| o.contains(&value))
+}
+
+/// The `(key, value)` pairs of a row whose value is not known ([`is_known_value`]), in
+/// [`ATTRIBUTE_ORDER`]; [`description`] leaves them out.
+pub fn unknown_values(values: &[String; 12]) -> Vec<(&'static str, &str)> {
+    ATTRIBUTE_ORDER
+        .iter()
+        .zip(values)
+        .filter(|(k, v)| !is_known_value(k, v))
+        .map(|(k, v)| (*k, v.as_str()))
+        .collect()
+}
+
 /// The training text of a row: attributes in [`ATTRIBUTE_ORDER`]; `nil` or `no` dropped; `yes` ->
 /// the key alone; `label` -> its value alone; otherwise `"{value} {key}"`; keys with underscores as
-/// spaces; joined with `", "`.
+/// spaces; joined with `", "`. A value the key cannot take ([`unknown_values`]: a value outside
+/// its option list, or an empty cell) is left out like `nil`, so no piece is ever empty or made
+/// of an unknown value; `prepare` lists each such value in `summary.skipped`.
 pub fn description(values: &[String; 12]) -> String {
     let mut parts = Vec::new();
     for (key, v) in ATTRIBUTE_ORDER.iter().zip(values) {
-        if v == "nil" || v == "no" {
+        if v == "nil" || v == "no" || !is_known_value(key, v) {
             continue;
         }
         let name = key.replace('_', " ");
@@ -245,7 +272,54 @@ pub fn mcq_items(
     items
 }
 
+/// The training pairs of one file (train or val). A value the key cannot take
+/// ([`unknown_values`]) is left out of the row's description and listed in `skipped` as
+/// `file:line` (the row itself is kept, described by its other attributes); a row left with
+/// nothing to describe is dropped and listed.
+pub fn pairs(
+    file_name: &str,
+    rows: &[Row],
+    images: &[String],
+    skipped: &mut Vec<Skipped>,
+) -> Vec<PairRecord> {
+    let mut out = Vec::with_capacity(rows.len());
+    for (row, image) in rows.iter().zip(images) {
+        let source = format!("{file_name}:{}", row.line);
+        for (key, value) in unknown_values(&row.values) {
+            let what = if value.is_empty() {
+                "empty value".to_string()
+            } else {
+                format!("unknown value {value:?}")
+            };
+            skipped.push(Skipped {
+                source: source.clone(),
+                reason: format!(
+                    "{what} for `{key}` (options: {}); attribute left out of the training \
+                     description",
+                    options_for(key).unwrap_or(&[]).join(", ")
+                ),
+            });
+        }
+        let text = description(&row.values);
+        if text.is_empty() {
+            skipped.push(Skipped {
+                source,
+                reason: "no attribute to describe (all `nil`, `no` or unknown); pair left out"
+                    .into(),
+            });
+            continue;
+        }
+        out.push(PairRecord {
+            image: image.clone(),
+            text,
+        });
+    }
+    out
+}
+
 /// Build the WBCAtt pairs and MCQ sets from `source` into `out` (layout in [`super::prepare`]).
+/// Image paths (`path`) must be relative and stay inside `source` (an absolute path or a `..`
+/// climbing out is an error naming `file:line`).
 pub fn prepare(source: &Path, out: &Path, opts: &PrepareOptions) -> Result<PrepareSummary> {
     let source = source.canonicalize().map_err(|e| Error::io(source, e))?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
@@ -253,14 +327,30 @@ pub fn prepare(source: &Path, out: &Path, opts: &PrepareOptions) -> Result<Prepa
 
     let mut splits = Vec::new();
     let mut missing = Vec::new();
+    let mut outside = Vec::new();
     for (split, file_name) in SPLIT_FILES {
         let rows = read_rows(&source.join(file_name))?;
         for r in &rows {
-            if !source.join(&r.path).is_file() {
+            let p = Path::new(&r.path);
+            if p.is_absolute() || escapes_root(p) {
+                outside.push(format!("{file_name}:{}: {}", r.line, r.path));
+            } else if !source.join(p).is_file() {
                 missing.push(format!("{file_name}:{}: {}", r.line, r.path));
             }
         }
         splits.push((split, file_name, rows));
+    }
+    if !outside.is_empty() {
+        return Err(Error::Config {
+            path: source.clone(),
+            key: "path".into(),
+            reason: format!(
+                "{} image path(s) outside the source directory (absolute, or `..` climbing above \
+                 it; `path` must be relative to the source directory and stay inside it): {}",
+                outside.len(),
+                outside.join("; ")
+            ),
+        });
     }
     if !missing.is_empty() {
         return Err(Error::Config {
@@ -296,21 +386,10 @@ pub fn prepare(source: &Path, out: &Path, opts: &PrepareOptions) -> Result<Prepa
         images.push(v);
     }
 
-    let pairs = |i: usize| -> Vec<PairRecord> {
-        splits[i]
-            .2
-            .iter()
-            .zip(&images[i])
-            .map(|(r, img)| PairRecord {
-                image: img.clone(),
-                text: description(&r.values),
-            })
-            .collect()
-    };
-    let train = pairs(0);
-    let val = pairs(1);
-
     let mut summary = PrepareSummary::new(BENCHMARK);
+    let train = pairs(splits[0].1, &splits[0].2, &images[0], &mut summary.skipped);
+    let val = pairs(splits[1].1, &splits[1].2, &images[1], &mut summary.skipped);
+
     let mut rng = PyRandom::new(SEED);
     let mcq_val = mcq_items(
         "val",

@@ -48,7 +48,9 @@ pub struct PrepareArgs {
     /// Which benchmark's released files `--source` holds.
     #[arg(long, value_enum)]
     benchmark: Benchmark,
-    /// Directory with the released label files (and images).
+    /// Directory with the released label files (and images). skincon: the release's names
+    /// (annotations_fitzpatrick17k.csv, images/) or the reference's (fitzpatrick17k_anno.csv,
+    /// fitzpatrick17k/).
     #[arg(long)]
     source: PathBuf,
     /// Output directory: train.jsonl, val.jsonl, mcq_val.jsonl, mcq_test.jsonl, summary.json.
@@ -155,6 +157,9 @@ pub fn run(args: PrepareArgs) -> anyhow::Result<()> {
 /// skipped rows (first 20 listed).
 pub fn render(s: &PrepareSummary) -> String {
     let mut o = format!("benchmark {}\n", s.benchmark);
+    if let Some(layout) = &s.layout {
+        o.push_str(&format!("  source layout: {layout}\n"));
+    }
     for (split, n) in &s.pairs {
         o.push_str(&format!("  pairs {split}: {n}\n"));
     }

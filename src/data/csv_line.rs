@@ -16,6 +16,12 @@ pub fn record_line(data: &[u8], byte: u64) -> u64 {
     1 + data[..first].iter().filter(|&&b| b == b'\n').count() as u64
 }
 
+/// The line (1-based) that byte `offset` of `data` is on.
+pub fn offset_line(data: &[u8], offset: usize) -> u64 {
+    let end = offset.min(data.len());
+    1 + data[..end].iter().filter(|&&b| b == b'\n').count() as u64
+}
+
 /// The line of `pos` in `data` (line 0 when the reader gave no position).
 pub fn position_line(data: &[u8], pos: Option<&csv::Position>) -> u64 {
     pos.map_or(0, |p| record_line(data, p.byte()))

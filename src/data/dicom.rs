@@ -28,8 +28,9 @@ use image::GrayImage;
 use crate::error::{Error, Result};
 
 /// Decodes the first frame of the DICOM file at `path` to 8-bit grey with the rules in the module
-/// docs. A missing file is an [`Error::Io`]; anything else wrong is an [`Error::Image`] naming
-/// `path`.
+/// docs. A missing file is an [`Error::Io`]; anything else wrong, including Rows x Columns over
+/// [`crate::data::image::MAX_IMAGE_PIXELS`] (checked before the pixel data is decoded), is an
+/// [`Error::Image`] naming `path`.
 pub fn load_dicom_gray8(path: &Path) -> Result<GrayImage> {
     std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     let err = |reason: String| Error::Image {
@@ -37,6 +38,16 @@ pub fn load_dicom_gray8(path: &Path) -> Result<GrayImage> {
         reason,
     };
     let obj = open_file(path).map_err(|e| err(format!("not a readable DICOM file: {e}")))?;
+    // The decoder allocates from Rows x Columns: refuse a bomb before decoding.
+    let dim = |tag: Tag| {
+        obj.element_opt(tag)
+            .ok()
+            .flatten()
+            .and_then(|e| e.to_int::<u32>().ok())
+    };
+    if let (Some(rows), Some(cols)) = (dim(tags::ROWS), dim(tags::COLUMNS)) {
+        crate::data::image::check_pixel_count(cols, rows).map_err(&err)?;
+    }
     let decoded = obj
         .decode_pixel_data_frame(0)
         .map_err(|e| err(format!("cannot decode DICOM pixel data: {e}")))?;

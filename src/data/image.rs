@@ -5,12 +5,60 @@
 //! replicated into the three channels and alpha is dropped without compositing. The one
 //! deliberate difference is 16-bit data, see [`load_rgb`].
 
-use std::io::Cursor;
+use std::io::{BufRead, Cursor, Seek};
 use std::path::{Path, PathBuf};
 
-use image::{DynamicImage, ImageBuffer, ImageReader, Pixel, Rgb, RgbImage};
+use image::{DynamicImage, ImageBuffer, ImageDecoder, ImageReader, Pixel, Rgb, RgbImage};
 
 use crate::error::{Error, Result};
+
+/// The most pixels (width x height) an image may have to be decoded: 178,956,970, the
+/// threshold at which PIL raises `DecompressionBombError` (twice `Image.MAX_IMAGE_PIXELS` =
+/// 89,478,485; between the two PIL only warns). A file's header is read first and a larger image
+/// is refused before any pixel buffer is allocated: a small PNG can declare 20000x20000 pixels
+/// and would decode to gigabytes. Every decode path of the crate ([`load_rgb`], [`decode_rgb`],
+/// [`load_dynamic`], the pair manifest checks, DICOM) applies it.
+pub const MAX_IMAGE_PIXELS: u64 = 178_956_970;
+
+/// `Err(reason)` when a `width`x`height` image has more than [`MAX_IMAGE_PIXELS`] pixels.
+pub fn check_pixel_count(width: u32, height: u32) -> std::result::Result<(), String> {
+    let n = u64::from(width) * u64::from(height);
+    if n > MAX_IMAGE_PIXELS {
+        Err(format!(
+            "{width}x{height} = {n} pixels is over the limit of {MAX_IMAGE_PIXELS} pixels \
+             (PIL's decompression-bomb limit, 2 x Image.MAX_IMAGE_PIXELS); not decoding it"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// Decodes `reader` (format already set or guessed) after checking the dimensions its header
+/// declares against [`MAX_IMAGE_PIXELS`]; `name` is the file named in errors. Otherwise the same
+/// as `ImageReader::decode` (including the `image` crate's default allocation limit).
+fn decode_checked<R: BufRead + Seek>(reader: ImageReader<R>, name: &Path) -> Result<DynamicImage> {
+    let decoder = reader.into_decoder().map_err(|e| image_error(name, e))?;
+    let (width, height) = decoder.dimensions();
+    check_pixel_count(width, height).map_err(|reason| Error::Image {
+        path: name.to_path_buf(),
+        reason,
+    })?;
+    let mut limits = image::Limits::default();
+    limits
+        .reserve(decoder.total_bytes())
+        .map_err(|e| image_error(name, e))?;
+    DynamicImage::from_decoder(decoder).map_err(|e| image_error(name, e))
+}
+
+/// Decodes the (non-DICOM) image file at `path` in its own pixel format, the format guessed
+/// from the content, refusing images over [`MAX_IMAGE_PIXELS`]. A missing or unreadable file is
+/// an [`Error::Io`], undecodable content an [`Error::Image`], both naming `path`.
+pub fn load_dynamic(path: &Path) -> Result<DynamicImage> {
+    let reader = ImageReader::open(path)
+        .and_then(|r| r.with_guessed_format())
+        .map_err(|e| Error::io(path, e))?;
+    decode_checked(reader, path)
+}
 
 /// Decodes the image file at `path` (PNG, JPEG, BMP, TIFF or WebP) into RGB8.
 ///
@@ -29,8 +77,9 @@ use crate::error::{Error, Result};
 /// A `.dcm` file is decoded with [`crate::data::dicom::load_dicom_gray8`] (windowed 8-bit grey)
 /// and replicated into R, G and B.
 ///
-/// A missing or unreadable file gives [`Error::Io`]; content that cannot be decoded gives
-/// [`Error::Image`]; both name `path`.
+/// A missing or unreadable file gives [`Error::Io`]; content that cannot be decoded, or an image
+/// over [`MAX_IMAGE_PIXELS`] (refused from its header, before decoding), gives [`Error::Image`];
+/// both name `path`.
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     if path
         .extension()
@@ -39,11 +88,7 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
         let gray = crate::data::dicom::load_dicom_gray8(path)?;
         return Ok(to_rgb8(DynamicImage::ImageLuma8(gray)));
     }
-    let reader = ImageReader::open(path)
-        .and_then(|r| r.with_guessed_format())
-        .map_err(|e| Error::io(path, e))?;
-    let decoded = reader.decode().map_err(|e| image_error(path, e))?;
-    Ok(to_rgb8(decoded))
+    Ok(to_rgb8(load_dynamic(path)?))
 }
 
 /// Same as [`load_rgb`], for an image already in memory (an archive member, a download).
@@ -52,8 +97,7 @@ pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<RgbImage> {
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| Error::io(name, e))?;
-    let decoded = reader.decode().map_err(|e| image_error(name, e))?;
-    Ok(to_rgb8(decoded))
+    Ok(to_rgb8(decode_checked(reader, Path::new(name))?))
 }
 
 /// Any decoding failure, including a truncated file, means the content is bad rather than the

@@ -3,10 +3,12 @@
 pub mod batch;
 pub mod collate;
 pub mod csv_line;
+pub mod csv_strict;
 pub mod dicom;
 pub mod image;
 pub mod loader;
 pub mod pairs;
+pub mod paths;
 pub mod processor;
 pub mod prompt;
 pub mod shuffle;

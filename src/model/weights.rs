@@ -56,6 +56,8 @@ pub struct WeightStore {
     files: MmapedSafetensors,
     /// canonical name -> key in the files
     keys: BTreeMap<String, String>,
+    /// key in the files -> the file holding it (for error messages)
+    key_files: BTreeMap<String, PathBuf>,
     dir: PathBuf,
     device: Device,
     dtype: DType,
@@ -79,8 +81,11 @@ impl WeightStore {
         dtype: DType,
         key_map: KeyMap,
     ) -> Result<Self> {
+        let mut key_files = BTreeMap::new();
         for f in files {
-            check_header(f)?;
+            for key in header_keys(f)? {
+                key_files.insert(key, f.clone());
+            }
         }
         // SAFETY: the files are memory-mapped read-only; modifying them while we run is the same
         // hazard every safetensors loader (HF included) accepts.
@@ -119,6 +124,7 @@ impl WeightStore {
         Ok(Self {
             files: st,
             keys,
+            key_files,
             dir: dir.to_path_buf(),
             device: device.clone(),
             dtype,
@@ -203,7 +209,9 @@ impl WeightStore {
         self.files.get(key).ok().map(|v| v.shape().to_vec())
     }
 
-    /// Load a weight by canonical name, checking its shape.
+    /// Load a weight by canonical name, checking its shape. Every weight handed out is a float
+    /// parameter, so a tensor stored with a non-float dtype (`U32`, `I64`, `BOOL`, ...) is an
+    /// error naming the tensor, its dtype and its file, never cast: its integers are not weights.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let key = self.keys.get(name).ok_or_else(|| {
             Error::Weights(format!(
@@ -224,6 +232,20 @@ impl WeightStore {
         }
         let t = match self.overrides.get(name) {
             Some(t) => t.to_device(&self.device)?,
+            None if !is_float_dtype(view.dtype()) => {
+                let file = self
+                    .key_files
+                    .get(key.as_str())
+                    .map_or_else(|| self.dir.clone(), PathBuf::clone);
+                return Err(Error::Weights(format!(
+                    "weight `{key}` in {} is stored as {:?}, not a float dtype; `{name}` is a \
+                     float parameter and integer data is not cast to {:?} (was the file written \
+                     with the wrong dtype?)",
+                    file.display(),
+                    view.dtype(),
+                    self.dtype
+                )));
+            }
             None => self
                 .files
                 .load(key, &self.device)
@@ -299,9 +321,28 @@ impl WeightStore {
     }
 }
 
+/// Whether a stored dtype holds floating-point values (every float format safetensors knows).
+fn is_float_dtype(d: safetensors::Dtype) -> bool {
+    use safetensors::Dtype::*;
+    matches!(
+        d,
+        F4 | F6_E2M3
+            | F6_E3M2
+            | F8_E5M2
+            | F8_E4M3
+            | F8_E8M0
+            | F8_E4M3FNUZ
+            | F8_E5M2FNUZ
+            | F16
+            | BF16
+            | F32
+            | F64
+    )
+}
+
 /// Read the safetensors header ourselves first, so a truncated or non-safetensors file gets an
-/// error naming it rather than a bare deserialisation message.
-fn check_header(path: &Path) -> Result<()> {
+/// error naming it rather than a bare deserialisation message. Returns the tensor names.
+fn header_keys(path: &Path) -> Result<Vec<String>> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut len = [0u8; 8];
@@ -319,7 +360,20 @@ fn check_header(path: &Path) -> Result<()> {
             path.display()
         )));
     }
-    Ok(())
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+    let map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| {
+            Error::Weights(format!(
+                "{} is not a safetensors file (header is not a JSON object: {e})",
+                path.display()
+            ))
+        })?;
+    Ok(map
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k != "__metadata__")
+        .collect())
 }
 
 /// A prefix into a [`WeightStore`], in the style of candle's `VarBuilder`.

@@ -4,6 +4,9 @@
 //! - **CSV** (`.csv`): a header row with an `image` column and a `text` column (or, failing
 //!   that, a `description` column); other columns are ignored. Quoted fields may hold commas,
 //!   quotes and newlines. A row's line is the line its record starts on (the header is line 1).
+//!   The file is read strictly ([`crate::data::csv_strict`]): a row with more or fewer fields than
+//!   the header, two header columns of the same name, a quoted field that is never closed (named
+//!   by the line its quote opens on) or text after a closing quote is an error.
 //! - **JSONL** (`.jsonl`, `.ndjson`): one object `{"image": ..., "text": ...}` per line
 //!   (`description` is accepted instead of `text`; `text` wins when both are present). Blank
 //!   lines are skipped; lines are numbered from 1.
@@ -13,7 +16,9 @@
 //!   is what `jq '.[N]'` takes), followed by the item's `id` when it has one.
 //!
 //! Texts are trimmed. Relative image paths are resolved against the source's image root (the
-//! manifest's directory unless given); absolute ones are kept.
+//! manifest's directory unless given); a relative path whose `..` components climb above the
+//! root (`../x.png`, `a/../../x.png`, checked lexically, so also for files that do not exist) is
+//! an error naming the row. Absolute paths are explicit and are kept as written.
 //!
 //! Validation is all-or-nothing and exhaustive: every row is parsed and every referenced image is
 //! opened before anything is returned, and all problems found are reported together in a single
@@ -92,7 +97,9 @@ impl ManifestFormat {
 #[derive(Debug, Clone)]
 pub struct PairSource {
     pub manifest: PathBuf,
-    /// Directory relative image paths are joined to; `None` means the manifest's directory.
+    /// Directory relative image paths are joined to; `None` means the manifest's directory. A
+    /// relative path must stay inside it (`..` may not climb above it, checked lexically);
+    /// absolute paths are allowed and used as written.
     pub image_root: Option<PathBuf>,
     /// How many times the manifest's rows are emitted (>= 1).
     pub repeat: usize,
@@ -242,18 +249,36 @@ fn parse_source(src: &PairSource) -> Result<Vec<Entry>> {
         .into_iter()
         .map(|(location, row)| Entry {
             location,
-            outcome: row.map(|(image, text)| (resolve(&root, &image), text)),
+            outcome: row.and_then(|(image, text)| {
+                resolve(&root, &image)
+                    .map(|image| (image, text))
+                    .map_err(|reason| vec![reason])
+            }),
         })
         .collect())
 }
 
-/// `root/image` for a relative path, `image` itself for an absolute one.
-fn resolve(root: &Path, image: &str) -> PathBuf {
+/// `root/image` for a relative path; `image` itself for an absolute one (an absolute path is an
+/// explicit choice of the manifest's author, so it is allowed anywhere). A relative path that
+/// lexically climbs out of `root` ([`crate::data::paths::escapes_root`]) is refused with the
+/// reason.
+fn resolve(root: &Path, image: &str) -> std::result::Result<PathBuf, String> {
     let p = Path::new(image);
     if p.is_absolute() {
-        p.to_path_buf()
+        Ok(p.to_path_buf())
+    } else if crate::data::paths::escapes_root(p) {
+        Err(format!(
+            "image path `{image}` leaves the image root {} (its `..` climbs above it); use a \
+             path inside the root, or an absolute path",
+            if root.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                root
+            }
+            .display()
+        ))
     } else {
-        root.join(p)
+        Ok(root.join(p))
     }
 }
 

@@ -251,13 +251,116 @@ fn csv_problems_are_reported_by_record_start_line() {
     assert!(reason.contains(&format!("{f}:4: empty `text`")), "{reason}");
     assert!(reason.contains(&format!("{f}:5: image ")), "{reason}");
     assert!(
-        reason.contains(&format!(
-            "{f}:6: the row has 1 fields but `text` is column 2 of the header"
-        )),
+        reason.contains(&format!("{f}:6: the row has 1 field(s), the header 2")),
         "{reason}"
     );
     assert!(
         reason.contains(&format!("{f}:7: empty `image`")),
+        "{reason}"
+    );
+}
+
+#[test]
+fn csv_rows_with_extra_fields_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    png(d, "ok.png");
+    // An unquoted comma in the text: the row has three fields, not two.
+    let m = write(
+        d,
+        "p.csv",
+        "image,text\r\nok.png,fine\r\nok.png,big, round\r\nok.png,also fine\r\n",
+    );
+    let (_, reason) = config_reason(load_pairs(&PairSource::new(&m)).unwrap_err());
+    let f = m.display();
+    assert!(reason.starts_with("1 problem "), "{reason}");
+    assert!(
+        reason.contains(&format!("{f}:3: the row has 3 field(s), the header 2")),
+        "{reason}"
+    );
+}
+
+#[test]
+fn csv_duplicate_columns_are_errors_naming_the_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    png(d, "ok.png");
+    let m = write(d, "p.csv", "image,text,text\nok.png,first,second\n");
+    let (_, reason) = config_reason(load_pairs(&PairSource::new(&m)).unwrap_err());
+    assert!(
+        reason.contains(&format!(
+            "{}:1: duplicate column `text` (columns 2 and 3 of the header)",
+            m.display()
+        )),
+        "{reason}"
+    );
+}
+
+#[test]
+fn csv_unterminated_quote_is_an_error_naming_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    png(d, "ok.png");
+    // Without the check the open quote on line 3 swallows lines 4 and 5 into one text.
+    let m = write(
+        d,
+        "p.csv",
+        "image,text\nok.png,first\nok.png,\"second\nok.png,third\nok.png,fourth\n",
+    );
+    let (_, reason) = config_reason(load_pairs(&PairSource::new(&m)).unwrap_err());
+    let f = m.display();
+    assert!(reason.starts_with("1 problem "), "{reason}");
+    assert!(
+        reason.contains(&format!(
+            "{f}:3: unterminated quoted field: the quote opened on line 3 is never closed"
+        )),
+        "{reason}"
+    );
+}
+
+#[test]
+fn image_paths_climbing_out_of_the_image_root_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fs::create_dir_all(d.join("root/sub")).unwrap();
+    // The escaping files exist, so only the path check can refuse them.
+    png(d, "outside.png");
+    png(d, "root/in.png");
+    let abs = png(d, "abs.png");
+    let m = write(
+        d,
+        "root/p.jsonl",
+        &format!(
+            "{{\"image\": \"../outside.png\", \"text\": \"up\"}}\n\
+             {{\"image\": \"sub/../../outside.png\", \"text\": \"up again\"}}\n\
+             {{\"image\": \"sub/../in.png\", \"text\": \"inside\"}}\n\
+             {{\"image\": \"{}\", \"text\": \"absolute\"}}\n",
+            abs.display()
+        ),
+    );
+    let (_, reason) = config_reason(load_pairs(&PairSource::new(&m)).unwrap_err());
+    let f = m.display();
+    assert!(reason.starts_with("2 problems"), "{reason}");
+    let root = d.join("root");
+    for (line, path) in [(1, "../outside.png"), (2, "sub/../../outside.png")] {
+        assert!(
+            reason.contains(&format!(
+                "{f}:{line}: image path `{path}` leaves the image root {} (its `..` climbs above it)",
+                root.display()
+            )),
+            "{reason}"
+        );
+    }
+    // CSV manifests and an explicit image root are checked the same way.
+    let m = write(d, "p.csv", "image,text\n../outside.png,up\nin.png,ok\n");
+    let src = PairSource {
+        image_root: Some(root.clone()),
+        ..PairSource::new(&m)
+    };
+    let (_, reason) = config_reason(load_pairs(&src).unwrap_err());
+    assert!(reason.starts_with("1 problem "), "{reason}");
+    assert!(
+        reason.contains(&format!("{}:2: image path `../outside.png`", m.display())),
         "{reason}"
     );
 }

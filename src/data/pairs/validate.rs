@@ -52,6 +52,7 @@ fn check_image(path: &Path) -> std::result::Result<(), String> {
     match reader.into_dimensions() {
         Err(e) => Err(format!("cannot decode image {shown}: {e}")),
         Ok((0, _)) | Ok((_, 0)) => Err(format!("image {shown} has zero width or height")),
-        Ok(_) => Ok(()),
+        Ok((w, h)) => crate::data::image::check_pixel_count(w, h)
+            .map_err(|reason| format!("cannot decode image {shown}: {reason}")),
     }
 }
