@@ -15,7 +15,9 @@ use crate::error::{Error, Result};
 use crate::model::checkpoint::weight_files;
 use crate::model::lora::{AdapterEntry, LoraSpec, TargetModules};
 use crate::model::weights::llava_canonical_name;
-use crate::train::checkpoint::{load_safetensors, save_safetensors, write_atomic};
+use crate::train::checkpoint::{
+    load_float_safetensors, load_safetensors, save_safetensors, write_atomic,
+};
 
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
@@ -158,7 +160,7 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<Adapter> {
             dir.display()
         )));
     }
-    let tensors = load_safetensors(&weights_path, device)?;
+    let tensors = load_float_safetensors(&weights_path, device)?;
     let mut a = HashMap::new();
     let mut b = HashMap::new();
     for (name, t) in tensors {

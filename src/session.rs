@@ -18,7 +18,7 @@ use crate::model::generate::{continuation_logprobs, greedy};
 use crate::model::llava::{LlavaModel, LoadOptions};
 use crate::model::lora::LoraFactory;
 use crate::model::VisionLanguageModel;
-use crate::train::checkpoint::load_safetensors;
+use crate::train::checkpoint::load_float_safetensors;
 
 /// How the prompt text is turned into tokens.
 #[derive(Debug, Clone)]
@@ -108,7 +108,7 @@ impl Session {
                 trainable: None,
                 lora,
                 overrides: match &opts.full_weights {
-                    Some(f) => base_weights_only(load_safetensors(f, &opts.device)?),
+                    Some(f) => base_weights_only(load_float_safetensors(f, &opts.device)?),
                     None => Default::default(),
                 },
             },

@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Error, Result};
-use crate::train::checkpoint::{load_safetensors, save_safetensors};
+use crate::train::checkpoint::{load_float_safetensors, save_safetensors};
 
 /// Tensor names in `proxy.safetensors`.
 pub const PROXY_KEY: &str = "proxy";
@@ -143,7 +143,7 @@ impl ProxyInstruction {
 
     /// Load `proxy` (and `proxy_ema` if present) from a file written by [`ProxyInstruction::save`].
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let map = load_safetensors(path, device)?;
+        let map = load_float_safetensors(path, device)?;
         let p = map.get(PROXY_KEY).ok_or_else(|| {
             Error::Weights(format!("{} has no `{PROXY_KEY}` tensor", path.display()))
         })?;

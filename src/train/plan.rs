@@ -23,7 +23,7 @@ use crate::model::lora::LoraFactory;
 use crate::model::parse_device;
 use crate::model::weights::WeightStore;
 use crate::model::VisionLanguageModel;
-use crate::train::checkpoint::load_safetensors;
+use crate::train::checkpoint::load_float_safetensors;
 use crate::train::optim::{AdamW, AdamWConfig, ParamGroup};
 use crate::train::schedule::{Schedule, Warmup};
 
@@ -77,7 +77,7 @@ impl TrainPlan {
             .map(|p| p.join(FULL_WEIGHTS))
             .filter(|p| p.is_file())
         {
-            Some(f) => load_safetensors(&f, &device)?,
+            Some(f) => load_float_safetensors(&f, &device)?,
             None => HashMap::new(),
         };
         let (model, store) = LlavaModel::load(

@@ -22,7 +22,8 @@ use crate::model::lora::LoraRuntime;
 use crate::model::loss::causal_lm_loss;
 use crate::model::{Injection, VisionLanguageModel};
 use crate::train::checkpoint::{
-    checkpoint_step, load_safetensors, save_safetensors, write_atomic, CheckpointManager,
+    checkpoint_step, load_float_safetensors, load_safetensors, save_safetensors, write_atomic,
+    CheckpointManager,
 };
 use crate::train::metrics::{plot_loss, MetricsLog, StepMetrics, TrainProgress};
 use crate::train::optim::{AdamW, Gradients};
@@ -422,7 +423,7 @@ impl TrainPlan {
         let state: TrainerState =
             serde_json::from_str(&text).map_err(|e| Error::json(&state_path, e))?;
         self.check_resume_state(dir, &state_path, &state)?;
-        let weights = load_safetensors(&dir.join("trainable.safetensors"), &self.device)?;
+        let weights = load_float_safetensors(&dir.join("trainable.safetensors"), &self.device)?;
         for p in self.params.iter().filter(|p| p.group != "proxy") {
             let t = weights.get(&p.name).ok_or_else(|| {
                 Error::Weights(format!(

@@ -17,7 +17,9 @@ mod safetensors_io;
 mod tests;
 
 pub use manager::{checkpoint_step, resolve_resume, CheckpointManager};
-pub use safetensors_io::{load_safetensors, read_safetensors_metadata, save_safetensors};
+pub use safetensors_io::{
+    load_float_safetensors, load_safetensors, read_safetensors_metadata, save_safetensors,
+};
 
 /// Distinguishes temp files made by concurrent `write_atomic` calls within one process.
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);

@@ -118,6 +118,27 @@ pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, 
         .map_err(|e| Error::Weights(format!("cannot load safetensors {}: {e}", path.display())))
 }
 
+/// [`load_safetensors`] for files that hold only weights (adapters, fully trained weights,
+/// trainable tensors, proxy vectors): a tensor stored with an integer dtype is an error naming
+/// it and the file, never cast to a float silently.
+pub fn load_float_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let tensors = load_safetensors(path, device)?;
+    let mut ints: Vec<String> = tensors
+        .iter()
+        .filter(|(_, t)| !Tensor::dtype(t).is_float())
+        .map(|(n, t)| format!("`{n}` ({:?})", Tensor::dtype(t)))
+        .collect();
+    if !ints.is_empty() {
+        ints.sort();
+        return Err(Error::Weights(format!(
+            "{} holds weights stored with an integer dtype, which are not cast to a float: {}",
+            path.display(),
+            ints.join(", ")
+        )));
+    }
+    Ok(tensors)
+}
+
 /// The `__metadata__` header of a safetensors file (empty when it has none). Errors name the file.
 pub fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>> {
     let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;

@@ -272,3 +272,31 @@ fn checkpoint_names_are_canonical() {
         None
     );
 }
+
+#[test]
+fn weight_files_with_integer_tensors_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("adapter_model.safetensors");
+    let dev = Device::Cpu;
+    let mut tensors = HashMap::new();
+    tensors.insert(
+        "a.lora_A.weight".to_string(),
+        Tensor::zeros((2, 3), DType::F32, &dev).unwrap(),
+    );
+    tensors.insert(
+        "a.lora_B.weight".to_string(),
+        Tensor::zeros((3, 2), DType::U32, &dev).unwrap(),
+    );
+    save_safetensors(&p, &tensors, &HashMap::new()).unwrap();
+    // The generic loader keeps integer tensors (optimizer step counts are integers)...
+    assert_eq!(
+        load_safetensors(&p, &dev).unwrap()["a.lora_B.weight"].dtype(),
+        DType::U32
+    );
+    // ...the weight loader names the tensor, its dtype and the file.
+    let err = load_float_safetensors(&p, &dev).unwrap_err().to_string();
+    assert!(
+        err.contains("adapter_model.safetensors") && err.contains("`a.lora_B.weight` (U32)"),
+        "{err}"
+    );
+}
