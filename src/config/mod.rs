@@ -45,6 +45,9 @@ pub struct TrainConfig {
     /// sections above, written directly to `train.output_dir`.
     #[serde(default)]
     pub stages: Vec<StageConfig>,
+    /// The recipe file this was read from, for errors found later (when the model is loaded).
+    #[serde(skip)]
+    pub source: PathBuf,
 }
 
 /// A stage with every value resolved.
@@ -99,7 +102,7 @@ impl TrainConfig {
             set_path(&mut value, key.trim(), parse_value(raw.trim()))
                 .map_err(|reason| bad(key.trim(), reason))?;
         }
-        let cfg: TrainConfig = value.try_into().map_err(|e: toml::de::Error| {
+        let mut cfg: TrainConfig = value.try_into().map_err(|e: toml::de::Error| {
             // toml ends the message with "in `key.path`": make that the key of the error.
             let msg = e.to_string();
             let msg = msg.trim_end();
@@ -109,6 +112,7 @@ impl TrainConfig {
             }
         })?;
         cfg.validate(path)?;
+        cfg.source = path.to_path_buf();
         Ok(cfg)
     }
 

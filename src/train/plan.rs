@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::method::proxy::ProxyInstruction;
 use crate::model::checkpoint::resolve_model;
 use crate::model::llava::{LlavaModel, LoadOptions};
-use crate::model::lora::LoraFactory;
+use crate::model::lora::{LoraFactory, TargetModules};
 use crate::model::parse_device;
 use crate::model::weights::WeightStore;
 use crate::model::VisionLanguageModel;
@@ -91,7 +91,8 @@ impl TrainPlan {
                 lora,
                 overrides,
             },
-        )?;
+        )
+        .map_err(|e| recipe_lora_error(cfg, e))?;
         let processor = ClipImageProcessor::new(
             ClipProcessorConfig::from_model_dir(&model_dir)?,
             cfg.model.image_aspect,
@@ -145,13 +146,13 @@ impl TrainPlan {
             seed: cfg.train.seed,
         };
         let params = collect_params(cfg, stage, &store, proxy.as_ref());
-        check_every_choice_trains(stage, &params, &store, &model_dir)?;
+        check_every_choice_trains(cfg, stage, &params, &store, &model_dir)?;
         let micro_per_epoch = batches.pairs.len().div_ceil(cfg.train.batch_size);
         let steps_per_epoch = micro_per_epoch.div_ceil(cfg.train.grad_accum);
         let all = steps_per_epoch
             .checked_mul(stage.epochs)
             .ok_or_else(|| Error::Config {
-                path: "recipe".into(),
+                path: cfg.source.clone(),
                 key: epochs_key(cfg, stage),
                 reason: format!(
                     "{} epochs of {steps_per_epoch} steps overflow the step counter",
@@ -513,7 +514,7 @@ fn check_sequence_bounds(
     image_tokens: usize,
 ) -> Result<()> {
     let bad = |key: &str, reason: String| Error::Config {
-        path: "recipe".into(),
+        path: cfg.source.clone(),
         key: key.into(),
         reason,
     };
@@ -546,6 +547,7 @@ fn check_sequence_bounds(
 /// Every trainable choice of the stage must train something: LoRA targets that match no module
 /// are an error even when other groups train (else the adapter written would be empty).
 fn check_every_choice_trains(
+    cfg: &TrainConfig,
     stage: &StageSpec,
     params: &[TrainParam],
     store: &WeightStore,
@@ -555,10 +557,16 @@ fn check_every_choice_trains(
     if stage.train_lora && !has(&|g| g == "lora") {
         let targets = store
             .lora()
-            .map(|l| format!("{:?}", l.spec.target_modules))
+            .map(|l| {
+                let excluded = match &l.spec.exclude_modules {
+                    Some(ex) => format!(" minus the excluded {}", describe_targets(ex)),
+                    None => String::new(),
+                };
+                format!("{}{excluded}", describe_targets(&l.spec.target_modules))
+            })
             .unwrap_or_default();
         return Err(Error::Config {
-            path: "recipe".into(),
+            path: cfg.source.clone(),
             key: "lora.target_modules".into(),
             reason: format!(
                 "{targets} matches no linear layer of {} (stage `{}` trains lora); module \
@@ -570,7 +578,7 @@ fn check_every_choice_trains(
     }
     if stage.train_full && !has(&|g| g != "lora" && g != "proxy") {
         return Err(Error::Config {
-            path: "recipe".into(),
+            path: cfg.source.clone(),
             key: "full.groups".into(),
             reason: format!(
                 "the groups hold no weights of {} (stage `{}` trains full)",
@@ -586,4 +594,24 @@ fn check_every_choice_trains(
         )));
     }
     Ok(())
+}
+
+/// `target_modules` as the recipe writes it: a list or a quoted regex.
+fn describe_targets(t: &TargetModules) -> String {
+    match t {
+        TargetModules::Suffixes(v) => format!("{v:?}"),
+        TargetModules::Pattern(p) => format!("{p:?}"),
+    }
+}
+
+/// A rank error from the LoRA factory is about the recipe's `lora.r` when the adapter is fresh.
+fn recipe_lora_error(cfg: &TrainConfig, e: Error) -> Error {
+    match e {
+        Error::Config { path, key, reason } if path.as_os_str() == "lora" => Error::Config {
+            path: cfg.source.clone(),
+            key: format!("lora.{key}"),
+            reason,
+        },
+        other => other,
+    }
 }
