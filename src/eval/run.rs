@@ -180,6 +180,50 @@ pub fn generate_answer(session: &Session, image: &Path, prompt: &Prompt) -> Resu
     Ok(session.generate(image, prompt, MAX_NEW_TOKENS)?.text)
 }
 
+/// Check, before any model call, that every item fits in the model's `max_position_embeddings`:
+/// its prompt plus [`MAX_NEW_TOKENS`] (generate), or plus its longest scored continuation
+/// (likelihood modes). The error names the items file, the item and the numbers.
+pub fn check_item_lengths(
+    session: &Session,
+    items: &[&McqItem],
+    items_file: &Path,
+    scoring: Scoring,
+) -> Result<()> {
+    let limit = session.model.max_positions();
+    for item in items {
+        let prompt = Prompt::Chat(question_prompt(&item.key, &item.options));
+        let prompt_len = session.prompt_ids(&prompt)?.len();
+        let (extra, what) = match scoring {
+            Scoring::Generate => (MAX_NEW_TOKENS, "new tokens (generate scoring)".to_string()),
+            Scoring::Likelihood | Scoring::LikelihoodText => {
+                let mut longest = 0;
+                for i in 0..item.options.len() {
+                    let text = match scoring {
+                        Scoring::Likelihood => likelihood_continuation(letter(i)),
+                        _ => item.options[i].clone(),
+                    };
+                    longest = longest.max(session.text.encode_plain(&text)?.len());
+                }
+                (longest, "tokens of its longest scored answer".to_string())
+            }
+        };
+        if prompt_len + extra > limit {
+            return Err(Error::Config {
+                path: items_file.to_path_buf(),
+                key: format!("item {}", item.id),
+                reason: format!(
+                    "its prompt is {prompt_len} tokens; with {extra} {what} the sequence would be \
+                     {} tokens, past the model's max_position_embeddings {limit} ({}); nothing \
+                     was evaluated",
+                    prompt_len + extra,
+                    session.dir.join("config.json").display()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Predict one item.
 pub fn predict(
     session: &Session,
@@ -322,10 +366,11 @@ pub fn evaluate(
             ),
         });
     }
-    // Start the file from what is kept (drops a torn line, or the old file without --resume).
-    write_atomic(&pred_path, &jsonl(&preds)?)?;
     let done: HashSet<String> = preds.iter().map(|p| p.id.clone()).collect();
     let todo: Vec<&McqItem> = items.iter().filter(|i| !done.contains(&i.id)).collect();
+    check_item_lengths(session, &todo, items_file, opts.scoring)?;
+    // Start the file from what is kept (drops a torn line, or the old file without --resume).
+    write_atomic(&pred_path, &jsonl(&preds)?)?;
 
     let target = if opts.quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         indicatif::ProgressDrawTarget::hidden()

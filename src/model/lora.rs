@@ -253,6 +253,23 @@ impl LoraFactory {
         v
     }
 
+    /// Modules that got an adapter (their name matched `target_modules`) while loaded weights
+    /// were given but held none for them: such an adapter would be a silent zero. Empty when
+    /// nothing was loaded (fresh adapters).
+    pub fn missing_loaded(&self) -> Vec<String> {
+        if self.loaded.is_empty() {
+            return Vec::new();
+        }
+        let created = self.created.lock().expect("poisoned");
+        let mut v: Vec<String> = created
+            .iter()
+            .filter(|e| !self.loaded.contains_key(&e.module))
+            .map(|e| e.module.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Called by every linear layer as it is built.
     pub fn adapter_for(
         &self,
