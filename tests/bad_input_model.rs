@@ -363,3 +363,146 @@ fn bad_adapter_target_modules_are_named() {
     );
     assert!(!out.exists());
 }
+
+// ---- 4. eval --resume never reuses another model's predictions ----
+
+#[test]
+fn eval_resume_refuses_predictions_of_another_adapter_model_or_scoring() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_one_item(&data);
+    let out = tmp.path().join("out");
+    let tiny = s(&fixtures().join("tiny-llava"));
+    let adapter = s(&adapter_fixture());
+    let run = |model: &str, extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "eval",
+            "--benchmark",
+            "wbcatt",
+            "--data",
+            &s(&data),
+            "--model",
+            model,
+            "--out",
+            &s(&out),
+            "--quiet",
+            "--scoring",
+            "likelihood",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    succeeds(&strs(&run(&tiny, &["--limit", "1"])));
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(info["scoring"], "likelihood");
+    assert!(info["adapter"].is_null());
+    let before = std::fs::read_to_string(out.join("predictions.jsonl")).unwrap();
+
+    // Another adapter.
+    let err = fails(&strs(&run(&tiny, &["--resume", "--adapter", &adapter])));
+    assert_has(
+        &err,
+        &[
+            "run.json",
+            "--resume",
+            "adapter: `none (none)` before",
+            &adapter,
+            "fnv1a64:",
+        ],
+    );
+    // Another model.
+    let mistral = s(&fixtures().join("tiny-llava-mistral"));
+    let err = fails(&strs(&run(&mistral, &["--resume"])));
+    assert_has(&err, &["model: `", &tiny, &mistral]);
+    // Another scoring (run.json catches it before the per-prediction check).
+    let mut lt = run(&tiny, &["--resume"]);
+    let i = lt.iter().position(|a| a == "likelihood").unwrap();
+    lt[i] = "likelihood-text".into();
+    let err = fails(&strs(&lt));
+    assert_has(
+        &err,
+        &["scoring: `likelihood` before, `likelihood-text` now"],
+    );
+    // Refusals leave the predictions alone; the same run resumes.
+    assert_eq!(
+        std::fs::read_to_string(out.join("predictions.jsonl")).unwrap(),
+        before
+    );
+    succeeds(&strs(&run(&tiny, &["--resume"])));
+    let after = std::fs::read_to_string(out.join("predictions.jsonl")).unwrap();
+    assert!(after.starts_with(&before) && after.lines().count() == 2);
+
+    // Predictions with no record of what made them are not resumed.
+    std::fs::remove_file(out.join("run.json")).unwrap();
+    let err = fails(&strs(&run(&tiny, &["--resume"])));
+    assert_has(&err, &["run.json", "file missing", "2 prediction(s)"]);
+}
+
+// ---- 5. a missing preprocessor_config.json is named ----
+
+#[test]
+fn missing_preprocessor_config_names_the_file_and_the_model_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = copy_model("tiny-llava", &tmp.path().join("m"));
+    std::fs::remove_file(model.join("preprocessor_config.json")).unwrap();
+    let args = vec![
+        "score".to_string(),
+        "--model".into(),
+        s(&model),
+        "--image".into(),
+        photo(),
+        "--prompt".into(),
+        "What is shown?".into(),
+        "--continuation".into(),
+        "a cell".into(),
+    ];
+    // processor_config.json is there, without an image_processor.
+    let pre = s(&model.join("preprocessor_config.json"));
+    assert_has(
+        &fails(&strs(&args)),
+        &[
+            &pre,
+            "does not exist",
+            "processor_config.json",
+            "image_processor",
+            "copy",
+        ],
+    );
+    std::fs::remove_file(model.join("processor_config.json")).unwrap();
+    assert_has(
+        &fails(&strs(&args)),
+        &[
+            &pre,
+            "not found",
+            "processor_config.json",
+            &s(&model),
+            "copy",
+        ],
+    );
+}
+
+// ---- 6. synth-pairs bounds its inputs ----
+
+#[test]
+fn synth_pairs_bounds_image_size_and_count_by_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = s(&tmp.path().join("pairs"));
+    let err = fails(&["synth-pairs", "--out", &out, "--image-size", "100000"]);
+    assert_has(&err, &["--image-size", "100000", "16..=4096"]);
+    let err = fails(&["synth-pairs", "--out", &out, "--count", "1000000000000"]);
+    assert_has(&err, &["--count", "1000000000000", "0..=1000000"]);
+    assert!(!tmp.path().join("pairs").exists());
+    succeeds(&[
+        "synth-pairs",
+        "--out",
+        &out,
+        "--count",
+        "2",
+        "--image-size",
+        "16",
+    ]);
+}
