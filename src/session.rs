@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 
 use std::collections::HashMap;
 
-use crate::adapter::read_adapter;
+use crate::adapter::{check_adapter_fits, read_adapter};
 use crate::data::image::load_rgb;
 use crate::data::processor::{AspectMode, ClipImageProcessor, ClipProcessorConfig};
 use crate::data::prompt::{ChatTemplate, TextProcessor};
@@ -96,11 +96,12 @@ impl Session {
         let lora = match &opts.adapter {
             Some(path) => {
                 let adapter = read_adapter(path, &opts.device)?;
+                check_adapter_fits(&adapter, &dir)?;
                 Some(LoraFactory::new(adapter.spec, false, 0)?.with_loaded(adapter.weights))
             }
             None => None,
         };
-        let (model, _) = LlavaModel::load(
+        let (model, store) = LlavaModel::load(
             &dir,
             LoadOptions {
                 device: opts.device.clone(),
@@ -113,6 +114,20 @@ impl Session {
                 },
             },
         )?;
+        if let (Some(path), Some(factory)) = (&opts.adapter, store.lora()) {
+            let missing = factory.missing_loaded();
+            if let Some(first) = missing.first() {
+                return Err(Error::Weights(format!(
+                    "adapter {}: its target_modules match {} module(s) of base {} that {} has no \
+                     LoRA weights for, e.g. `{first}` (an adapter made for another model?)",
+                    path.display(),
+                    missing.len(),
+                    dir.display(),
+                    path.join(crate::adapter::ADAPTER_WEIGHTS).display()
+                )));
+            }
+        }
+        drop(store);
         let processor =
             ClipImageProcessor::new(ClipProcessorConfig::from_model_dir(&dir)?, opts.aspect)?;
         let vision = &model.config().vision;
@@ -130,6 +145,7 @@ impl Session {
         let template = ChatTemplate::from_model_dir(&dir)?;
         let text =
             TextProcessor::from_model_dir(&dir, model.image_token_id(), model.num_image_tokens())?;
+        text.check_eos_within(model.config().text.vocab_size, &dir.join("config.json"))?;
         Ok(Self {
             model,
             processor,
@@ -197,14 +213,40 @@ impl Session {
         })
     }
 
+    /// Refuse a generation that cannot be done in full: `max_new_tokens == 0`, or a prompt of
+    /// `prompt_len` tokens plus `max_new_tokens` longer than the model's
+    /// `max_position_embeddings` (decoding never runs past it).
+    pub fn check_generation_length(&self, prompt_len: usize, max_new_tokens: usize) -> Result<()> {
+        if max_new_tokens == 0 {
+            return Err(Error::Model(
+                "max_new_tokens is 0: at least one new token must be asked for".into(),
+            ));
+        }
+        let limit = self.model.max_positions();
+        if prompt_len.saturating_add(max_new_tokens) > limit {
+            return Err(Error::Model(format!(
+                "the prompt is {prompt_len} tokens; with {max_new_tokens} new tokens the sequence \
+                 would be {} tokens, past the model's max_position_embeddings {limit} ({}); ask \
+                 for at most {} new tokens",
+                prompt_len.saturating_add(max_new_tokens),
+                self.dir.join("config.json").display(),
+                limit.saturating_sub(prompt_len)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Greedy decoding of at most `max_new_tokens` (at least 1; prompt + `max_new_tokens` must
+    /// fit in `max_position_embeddings`, see [`Session::check_generation_length`]).
     pub fn generate(
         &self,
         image: &Path,
         prompt: &Prompt,
         max_new_tokens: usize,
     ) -> Result<GenerateOutput> {
-        let pixels = self.pixel_values(image)?;
         let prompt_ids = self.prompt_ids(prompt)?;
+        self.check_generation_length(prompt_ids.len(), max_new_tokens)?;
+        let pixels = self.pixel_values(image)?;
         let eos = self.text.eos_token_ids();
         let token_ids = greedy(
             &self.model,

@@ -330,24 +330,6 @@ fn fully_trained_groups_are_excluded_from_lora_and_merge_agrees_with_the_adapter
         merged.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let image = repo().join("tests/fixtures/pairs/images/03_big_green_circle.png");
-    let score = |extra: &[&str]| -> f64 {
-        let mut args = vec![
-            "score",
-            "--image",
-            image.to_str().unwrap(),
-            "--prompt",
-            "Describe this medical scan.",
-            "--continuation",
-            " big size, round shape, green colour, circle",
-            "--json",
-        ];
-        args.extend_from_slice(extra);
-        let o = lvlm(&args);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        v["logprob"].as_f64().unwrap()
-    };
     let with_adapter = score(&[
         "--model",
         model.to_str().unwrap(),
@@ -367,6 +349,87 @@ fn fully_trained_groups_are_excluded_from_lora_and_merge_agrees_with_the_adapter
         (with_adapter - base).abs() > 1e-3,
         "training changed the model"
     );
+}
+
+/// `score --json` log-probability of the fixture continuation with `model_args`.
+fn score(model_args: &[&str]) -> f64 {
+    let image = repo().join("tests/fixtures/pairs/images/03_big_green_circle.png");
+    let mut args = vec![
+        "score",
+        "--image",
+        image.to_str().unwrap(),
+        "--prompt",
+        "Describe this medical scan.",
+        "--continuation",
+        " big size, round shape, green colour, circle",
+        "--json",
+    ];
+    args.extend_from_slice(model_args);
+    let o = lvlm(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["logprob"].as_f64().unwrap()
+}
+
+#[test]
+fn merge_folds_an_adapter_on_a_fully_trained_module_into_its_replacement() {
+    // An adapter with LoRA on the projector (written without the exclusion, e.g. by an older
+    // lvlm-ift) next to fully trained projector weights of another run.
+    let tmp = tempfile::tempdir().unwrap();
+    let lora_run = tmp.path().join("lora");
+    let cfg = recipe(
+        &lora_run,
+        &s(&[
+            "lora.target_modules=all-linear",
+            "full.groups=[]",
+            "train.max_steps=2",
+            "optim.lr=1e-2",
+        ]),
+    )
+    .unwrap();
+    run_recipe(&cfg, Resume::No, true).unwrap();
+    let adapter = lora_run.join("adapter");
+    let keys = load_safetensors(&adapter.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    assert!(keys.keys().any(|k| k.contains("multi_modal_projector")));
+    let full_run = tmp.path().join("full");
+    let cfg = recipe(&full_run, &s(&["train.max_steps=2", "optim.lr=1e-2"])).unwrap();
+    run_recipe(&cfg, Resume::No, true).unwrap();
+    let full = full_run.join("full_weights.safetensors");
+    let model = repo().join("tests/fixtures/tiny-llava");
+    let merged = tmp.path().join("merged");
+    let o = lvlm(&[
+        "merge",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--full-weights",
+        full.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let applied = score(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--full-weights",
+        full.to_str().unwrap(),
+    ]);
+    let from_merged = score(&["--model", merged.to_str().unwrap()]);
+    let without_lora = score(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--full-weights",
+        full.to_str().unwrap(),
+    ]);
+    println!("adapter+full {applied}, merged {from_merged}, full only {without_lora}");
+    assert!(
+        (applied - from_merged).abs() < 1e-3,
+        "{applied} vs {from_merged}"
+    );
+    assert!((applied - without_lora).abs() > 1e-3);
 }
 
 #[test]

@@ -75,7 +75,9 @@ pub struct EvalArgs {
     /// Output directory [default: DATA/eval-<split>-<scoring>].
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Keep the predictions already in OUT/predictions.jsonl and evaluate only the missing items.
+    /// Keep the predictions already in OUT/predictions.jsonl and evaluate only the missing items;
+    /// refused unless OUT/run.json shows they were made with the same model, adapter and full
+    /// weights (by content), scoring, split, benchmark, dtype and image aspect.
     #[arg(long)]
     resume: bool,
     /// Evaluate every checkpoint and stage output under RUN_DIR (see below); conflicts with --adapter.
@@ -113,12 +115,20 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| args.data.join(format!("eval-{split}-{}", scoring.name())));
-    let opts = |adapter: Option<&Path>| EvalOptions {
+    let name = |v: Option<clap::builder::PossibleValue>| {
+        v.map(|p| p.get_name().to_string()).unwrap_or_default()
+    };
+    let dtype = name(args.model.dtype.to_possible_value());
+    let image_aspect = name(args.model.image_aspect.to_possible_value());
+    let opts = |adapter: Option<&Path>, full_weights: Option<&Path>| EvalOptions {
         benchmark: args.benchmark.name().to_string(),
         split: split.to_string(),
         scoring,
         model: args.model.model.clone(),
         adapter: adapter.map(|a| a.display().to_string()),
+        full_weights: full_weights.map(|f| f.display().to_string()),
+        dtype: dtype.clone(),
+        image_aspect: image_aspect.clone(),
         resume: args.resume,
         quiet: args.quiet,
     };
@@ -131,7 +141,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             &items_file,
             &args.data,
             &out,
-            &opts(args.model.adapter.as_deref()),
+            &opts(
+                args.model.adapter.as_deref(),
+                args.model.full_weights.as_deref(),
+            ),
         )?;
         print_summary(&report, &out);
         return Ok(());
@@ -164,7 +177,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             &items_file,
             &args.data,
             &sub,
-            &opts(state.adapter.as_deref()),
+            &opts(state.adapter.as_deref(), state.full_weights.as_deref()),
         )
         .with_context(|| format!("evaluating {}", dir.display()))?;
         print_summary(&report, &sub);

@@ -6,18 +6,24 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 
-use crate::data::synthetic::{write_synthetic_pairs, SynthSpec};
+use crate::data::synthetic::{
+    write_synthetic_pairs, SynthSpec, MAX_COUNT, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE,
+};
 
 #[derive(Debug, Args)]
 pub struct SynthArgs {
     /// Output directory: images/*.png, pairs.jsonl and pairs.csv are written into it.
     #[arg(long)]
     out: PathBuf,
-    /// Number of image-description pairs.
-    #[arg(long, default_value_t = 200)]
+    /// Number of image-description pairs (at most 1000000).
+    #[arg(long, default_value_t = 200,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
+              .range(0..=MAX_COUNT as u64))]
     count: usize,
-    /// Side of the square images in pixels (at least 16).
-    #[arg(long, default_value_t = 224)]
+    /// Side of the square images in pixels (16 to 4096).
+    #[arg(long, default_value_t = 224,
+          value_parser = clap::value_parser!(u32)
+              .range(MIN_IMAGE_SIZE as i64..=MAX_IMAGE_SIZE as i64))]
     image_size: u32,
     /// Random seed; the same seed writes byte-identical files.
     #[arg(long, default_value_t = 0)]

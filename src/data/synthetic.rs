@@ -31,6 +31,10 @@ use crate::error::{Error, Result};
 
 /// The smallest image side [`write_synthetic_pairs`] accepts; below it the shapes are a few pixels.
 pub const MIN_IMAGE_SIZE: u32 = 16;
+/// Largest image side accepted (a 4096² RGB image is 48 MiB in memory, one per worker thread).
+pub const MAX_IMAGE_SIZE: u32 = 4096;
+/// Most pairs one call writes (the names and descriptions are held in memory).
+pub const MAX_COUNT: usize = 1_000_000;
 
 /// The class names [`class_label`] can return.
 pub const CLASS_NAMES: [&str; 5] = [
@@ -62,7 +66,8 @@ const BACKGROUNDS: [(&str, [u8; 3]); 2] = [("light", [225, 222, 212]), ("dark", 
 pub struct SynthSpec {
     /// Number of image–description pairs.
     pub count: usize,
-    /// Side of the square images in pixels (at least [`MIN_IMAGE_SIZE`]), e.g. 224 or 48.
+    /// Side of the square images in pixels ([`MIN_IMAGE_SIZE`]..=[`MAX_IMAGE_SIZE`]), e.g. 224
+    /// or 48.
     pub image_size: u32,
     pub seed: u64,
 }
@@ -207,16 +212,27 @@ fn render(a: &Attributes, side: u32, (cx, cy): (f32, f32), rng: &mut ChaCha8Rng)
 /// earlier, larger set stay but are not listed. Output is byte-identical for the same spec.
 /// Images are generated in parallel across the available cores.
 ///
-/// Errors: [`Error::Config`] (key `image_size`) when `spec.image_size` is below
-/// [`MIN_IMAGE_SIZE`]; [`Error::Io`] naming the path that could not be created or written.
+/// Errors: [`Error::Config`] (key `image_size`) when `spec.image_size` is outside
+/// [`MIN_IMAGE_SIZE`]..=[`MAX_IMAGE_SIZE`], (key `count`) when `spec.count` exceeds [`MAX_COUNT`],
+/// both before anything is written; [`Error::Io`] naming the path that could not be created or written.
 pub fn write_synthetic_pairs(out: &Path, spec: &SynthSpec) -> Result<Vec<SynthSample>> {
-    if spec.image_size < MIN_IMAGE_SIZE {
+    if !(MIN_IMAGE_SIZE..=MAX_IMAGE_SIZE).contains(&spec.image_size) {
         return Err(Error::Config {
             path: out.to_path_buf(),
             key: "image_size".into(),
             reason: format!(
-                "synthetic images must be at least {MIN_IMAGE_SIZE} px wide, got {}",
+                "synthetic images must be {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} px wide, got {}",
                 spec.image_size
+            ),
+        });
+    }
+    if spec.count > MAX_COUNT {
+        return Err(Error::Config {
+            path: out.to_path_buf(),
+            key: "count".into(),
+            reason: format!(
+                "at most {MAX_COUNT} synthetic pairs per call, got {}",
+                spec.count
             ),
         });
     }
@@ -543,6 +559,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = write_synthetic_pairs(dir.path(), &spec(1, 8, 0)).unwrap_err();
         assert!(matches!(err, Error::Config { ref key, .. } if key == "image_size"));
+        let err = write_synthetic_pairs(dir.path(), &spec(1, 100_000, 0)).unwrap_err();
+        assert!(matches!(err, Error::Config { ref key, .. } if key == "image_size"));
+        let err = write_synthetic_pairs(dir.path(), &spec(usize::MAX, 16, 0)).unwrap_err();
+        assert!(matches!(err, Error::Config { ref key, .. } if key == "count"));
+        assert!(!dir.path().join("images").exists());
 
         let file = dir.path().join("a-file");
         fs::write(&file, b"x").unwrap();

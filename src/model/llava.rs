@@ -315,6 +315,10 @@ impl VisionLanguageModel for LlavaModel {
         KvCache::new(self.cfg.text.num_hidden_layers)
     }
 
+    fn max_positions(&self) -> usize {
+        self.cfg.text.max_position_embeddings
+    }
+
     fn prefill(
         &self,
         input_ids: &Tensor,

@@ -256,6 +256,8 @@ pub struct AdapterEntry {
     pub b: Tensor,
     pub a_var: Option<Var>,
     pub b_var: Option<Var>,
+    /// False for a layer the model keeps but never runs ([`LoraFactory::register_unrun`]).
+    pub runs: bool,
 }
 
 /// Creates adapters for the modules `spec` targets while a model is built, either freshly
@@ -313,6 +315,24 @@ impl LoraFactory {
         v
     }
 
+    /// Modules that got an adapter (their name matched `target_modules`) while loaded weights
+    /// were given but held none for them: such an adapter would be a silent zero. Empty when
+    /// nothing was loaded (fresh adapters). Layers that never run are not counted: an adapter
+    /// written before they were recorded lacks them, and they change nothing.
+    pub fn missing_loaded(&self) -> Vec<String> {
+        if self.loaded.is_empty() {
+            return Vec::new();
+        }
+        let created = self.created.lock().expect("poisoned");
+        let mut v: Vec<String> = created
+            .iter()
+            .filter(|e| e.runs && !self.loaded.contains_key(&e.module))
+            .map(|e| e.module.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Called by every linear layer as it is built.
     pub fn adapter_for(
         &self,
@@ -321,7 +341,7 @@ impl LoraFactory {
         out_dim: usize,
         device: &Device,
     ) -> Result<Option<LoraAdapter>> {
-        self.create(module, in_dim, out_dim, device, self.trainable)
+        self.create(module, in_dim, out_dim, device, self.trainable, true)
     }
 
     /// Records an adapter for a linear layer the model keeps but never runs (CLIP layers past
@@ -335,7 +355,7 @@ impl LoraFactory {
         out_dim: usize,
         device: &Device,
     ) -> Result<()> {
-        self.create(module, in_dim, out_dim, device, false)
+        self.create(module, in_dim, out_dim, device, false, false)
             .map(|_| ())
     }
 
@@ -346,6 +366,7 @@ impl LoraFactory {
         out_dim: usize,
         device: &Device,
         trainable: bool,
+        runs: bool,
     ) -> Result<Option<LoraAdapter>> {
         if !self.matcher.matches(module) {
             return Ok(None);
@@ -407,6 +428,7 @@ impl LoraFactory {
             b: b.clone(),
             a_var,
             b_var,
+            runs,
         });
         Ok(Some(LoraAdapter {
             a,

@@ -61,6 +61,9 @@ pub trait VisionLanguageModel {
     fn embed_ids(&self, ids: &[u32]) -> Result<Tensor>;
     /// A fresh, empty generation cache.
     fn new_cache(&self) -> KvCache;
+    /// The longest sequence (prompt + generated tokens) the text model was built for
+    /// (`max_position_embeddings`); generation never runs past it.
+    fn max_positions(&self) -> usize;
     /// Run the prompt through the cache; returns the last position's logits `[b, vocab]`.
     fn prefill(
         &self,

@@ -177,10 +177,15 @@ impl ClipProcessorConfig {
         match std::fs::read_to_string(&combined) {
             Ok(text) => Self::from_processor_config_text(&text, &combined),
             Err(e) if e.kind() == ErrorKind::NotFound => Err(Error::io(
-                dir,
+                &pre,
                 std::io::Error::new(
                     ErrorKind::NotFound,
-                    format!("found neither {PREPROCESSOR_CONFIG} nor {PROCESSOR_CONFIG}"),
+                    format!(
+                        "not found, nor {PROCESSOR_CONFIG}, in model directory {}: one of them \
+                         must hold the CLIP image processor settings; copy \
+                         {PREPROCESSOR_CONFIG} from the original checkpoint",
+                        dir.display()
+                    ),
                 ),
             )),
             Err(e) => Err(Error::io(&combined, e)),
@@ -205,7 +210,12 @@ impl ClipProcessorConfig {
             .ok_or_else(|| Error::Config {
                 path: path.to_path_buf(),
                 key: "image_processor".into(),
-                reason: "missing".into(),
+                reason: format!(
+                    "missing, and {} does not exist either: one of them must hold the CLIP \
+                     image processor settings; copy {PREPROCESSOR_CONFIG} from the original \
+                     checkpoint",
+                    path.with_file_name(PREPROCESSOR_CONFIG).display()
+                ),
             })?;
         let mut cfg: Self = serde_json::from_value(inner).map_err(|e| Error::json(path, e))?;
         cfg.source = Some(path.to_path_buf());

@@ -24,10 +24,15 @@ pub struct TextProcessor {
     image_token_id: u32,
     num_image_tokens: usize,
     eos_token_ids: Vec<u32>,
+    eos_origin: EosOrigin,
     bos_token_id: Option<u32>,
     pad_token_id: Option<u32>,
     clean_up_tokenization_spaces: bool,
 }
+
+/// Where the EOS ids came from: a file and the key in it.
+#[derive(Debug, Clone)]
+struct EosOrigin(PathBuf, String);
 
 impl fmt::Debug for TextProcessor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -136,9 +141,31 @@ impl TextProcessor {
         let lookup =
             |token: &Option<String>| token.as_deref().and_then(|t| tokenizer.token_to_id(t));
 
-        let mut eos_token_ids = match gen_ids("eos_token_id")? {
-            Some(ids) => ids,
-            None => lookup(&special.eos).into_iter().collect(),
+        let vocab = tokenizer.get_vocab_size(true);
+        let (mut eos_token_ids, eos_origin) = match gen_ids("eos_token_id")? {
+            Some(ids) => {
+                if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+                    return Err(Error::Config {
+                        path: gen_path.clone(),
+                        key: "eos_token_id".into(),
+                        reason: format!(
+                            "{id} is outside the vocabulary: {} has {vocab} tokens (ids 0..{vocab})",
+                            tokenizer_path.display()
+                        ),
+                    });
+                }
+                (ids, EosOrigin(gen_path.clone(), "eos_token_id".into()))
+            }
+            None => {
+                // special_tokens_map.json overrides tokenizer_config.json (SpecialTokens).
+                let map = dir.join("special_tokens_map.json");
+                let from_map = read_json_opt(&map)?.is_some_and(|j| j.get("eos_token").is_some());
+                let path = if from_map { map } else { tok_cfg_path.clone() };
+                (
+                    lookup(&special.eos).into_iter().collect(),
+                    EosOrigin(path, "eos_token".into()),
+                )
+            }
         };
         let mut seen = std::collections::HashSet::new();
         eos_token_ids.retain(|id| seen.insert(*id));
@@ -159,6 +186,7 @@ impl TextProcessor {
             image_token_id,
             num_image_tokens,
             eos_token_ids,
+            eos_origin,
             bos_token_id,
             pad_token_id,
             clean_up_tokenization_spaces,
@@ -246,6 +274,28 @@ impl TextProcessor {
     /// tokenizer's EOS token; empty when neither is known. Deduplicated, order kept.
     pub fn eos_token_ids(&self) -> Vec<u32> {
         self.eos_token_ids.clone()
+    }
+
+    /// Refuse EOS ids the model can never produce (`id >= model_vocab`, the size of its output
+    /// layer): generation would then only stop at its length limit. The error names the file and
+    /// key the ids came from, the id and both sizes.
+    pub fn check_eos_within(&self, model_vocab: usize, model_config: &Path) -> Result<()> {
+        match self
+            .eos_token_ids
+            .iter()
+            .find(|&&id| id as usize >= model_vocab)
+        {
+            None => Ok(()),
+            Some(&id) => Err(Error::Config {
+                path: self.eos_origin.0.clone(),
+                key: self.eos_origin.1.clone(),
+                reason: format!(
+                    "EOS id {id} is outside the model's vocabulary: {} has text_config.vocab_size \
+                     {model_vocab} (ids 0..{model_vocab}), so generation would never stop at it",
+                    model_config.display()
+                ),
+            }),
+        }
     }
 
     /// The BOS token's id (tokenizer config, else `generation_config.json`).

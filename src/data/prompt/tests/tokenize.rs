@@ -147,6 +147,37 @@ fn generation_config_ids_and_cleanup() {
 }
 
 #[test]
+fn eos_ids_outside_the_vocabulary_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_word_tokenizer(d);
+    write(d, "tokenizer_config.json", r#"{"eos_token": "<tag>"}"#);
+    // 18 tokens: 18 is one past the end.
+    write(d, "generation_config.json", r#"{"eos_token_id": [2, 18]}"#);
+    let err = TextProcessor::from_model_dir(d, 4, 2).unwrap_err();
+    assert!(
+        matches!(&err, Error::Config { path, key, reason } if key == "eos_token_id"
+            && path.ends_with("generation_config.json") && reason.contains("18 is outside")
+            && reason.contains("18 tokens")),
+        "{err}"
+    );
+    // The tokenizer's own EOS (`<tag>` = 17) is in its vocabulary but past a 17-row model.
+    write(d, "generation_config.json", "{}");
+    let p = TextProcessor::from_model_dir(d, 4, 2).unwrap();
+    assert_eq!(p.eos_token_ids(), vec![17]);
+    p.check_eos_within(18, Path::new("m/config.json")).unwrap();
+    let err = p
+        .check_eos_within(17, Path::new("m/config.json"))
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Config { path, key, reason } if key == "eos_token"
+            && path.ends_with("tokenizer_config.json") && reason.contains("EOS id 17")
+            && reason.contains("vocab_size 17") && reason.contains("m/config.json")),
+        "{err}"
+    );
+}
+
+#[test]
 fn missing_tokenizer_names_path() {
     let dir = tempfile::tempdir().unwrap();
     let err = TextProcessor::from_model_dir(dir.path(), 4, 3).unwrap_err();
