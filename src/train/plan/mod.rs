@@ -19,13 +19,19 @@ use crate::error::{Error, Result};
 use crate::method::proxy::ProxyInstruction;
 use crate::model::checkpoint::resolve_model;
 use crate::model::llava::{LlavaModel, LoadOptions};
-use crate::model::lora::{LoraFactory, TargetModules};
+use crate::model::lora::LoraFactory;
 use crate::model::parse_device;
 use crate::model::weights::WeightStore;
 use crate::model::VisionLanguageModel;
 use crate::train::checkpoint::load_float_safetensors;
 use crate::train::optim::{AdamW, AdamWConfig, ParamGroup};
 use crate::train::schedule::{Schedule, Warmup};
+
+mod checks;
+use checks::{
+    check_every_choice_trains, check_sequence_bounds, describe_targets, epochs_key,
+    recipe_lora_error,
+};
 
 /// Files a finished stage leaves for the next one (and for users).
 pub const ADAPTER_DIR: &str = "adapter";
@@ -110,6 +116,11 @@ impl TrainPlan {
             &model_dir,
             model.image_token_id(),
             model.num_image_tokens(),
+        )?;
+        // Every sample ends with EOS, which must be a row of the model's head.
+        text.check_eos_within(
+            model.config().text.vocab_size,
+            &model_dir.join("config.json"),
         )?;
         let proxy = proxy_for_stage(cfg, stage, previous, &model, &text, &device)?;
         let instruction = match stage.instruction_mode {
@@ -275,14 +286,25 @@ impl TrainPlan {
             ));
         }
         if let Some(spec) = self.store.lora().map(|l| l.spec.clone()) {
-            let adapted = self.store.lora().map(|l| l.entries().len()).unwrap_or(0);
+            let entries = self.store.lora().map(|l| l.entries()).unwrap_or_default();
+            let unrun = entries.iter().filter(|e| !e.runs).count();
             out.push_str(&format!(
-                "lora             r {} alpha {} dropout {} on {adapted} modules, targets {:?}\n",
-                spec.r, spec.alpha, spec.dropout, spec.target_modules
+                "lora             r {} alpha {} dropout {} on {} modules{}, targets {}\n",
+                spec.r,
+                spec.alpha,
+                spec.dropout,
+                entries.len(),
+                if unrun > 0 {
+                    format!(" ({unrun} in layers that never run, kept for a complete PEFT adapter)")
+                } else {
+                    String::new()
+                },
+                describe_targets(&spec.target_modules)
             ));
             if let Some(ex) = &spec.exclude_modules {
                 out.push_str(&format!(
-                    "lora excludes    {ex:?} (fully trained groups are trained in full, not adapted)\n"
+                    "lora excludes    {} (fully trained groups are trained in full, not adapted)\n",
+                    describe_targets(ex)
                 ));
             }
         }
@@ -493,125 +515,4 @@ fn collect_params(
 /// `<image><image>...` (n copies) shown as `<image>×n`.
 fn collapse(text: &str, token: &str, n: usize) -> String {
     text.replace(&token.repeat(n), &format!("{token}×{n}"))
-}
-
-/// The recipe key that set a stage's epochs, for error messages.
-fn epochs_key(cfg: &TrainConfig, stage: &StageSpec) -> String {
-    cfg.stages
-        .iter()
-        .position(|s| s.name == stage.name && s.epochs.is_some())
-        .map(|i| format!("stages[{i}].epochs"))
-        .unwrap_or_else(|| "train.epochs".into())
-}
-
-/// Lengths the model bounds, checked before anything is sized from them: the proxy vectors and
-/// `data.max_len` must fit `max_position_embeddings` next to the image tokens.
-fn check_sequence_bounds(
-    cfg: &TrainConfig,
-    stage: &StageSpec,
-    model_dir: &Path,
-    max_positions: usize,
-    image_tokens: usize,
-) -> Result<()> {
-    let bad = |key: &str, reason: String| Error::Config {
-        path: cfg.source.clone(),
-        key: key.into(),
-        reason,
-    };
-    if let Some(n) = cfg.data.max_len {
-        if n > max_positions {
-            return Err(bad(
-                "data.max_len",
-                format!(
-                    "{n} exceeds the model's max_position_embeddings ({max_positions}, {})",
-                    model_dir.join("config.json").display()
-                ),
-            ));
-        }
-    }
-    if stage.instruction_mode == InstructionMode::Proxy
-        && cfg.proxy.tokens + image_tokens >= max_positions
-    {
-        return Err(bad(
-            "proxy.tokens",
-            format!(
-                "{} proxy vectors and {image_tokens} image tokens leave no room for text within \
-                 the model's max_position_embeddings ({max_positions})",
-                cfg.proxy.tokens
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// Every trainable choice of the stage must train something: LoRA targets that match no module
-/// are an error even when other groups train (else the adapter written would be empty).
-fn check_every_choice_trains(
-    cfg: &TrainConfig,
-    stage: &StageSpec,
-    params: &[TrainParam],
-    store: &WeightStore,
-    model_dir: &Path,
-) -> Result<()> {
-    let has = |group: &dyn Fn(&str) -> bool| params.iter().any(|p| group(&p.group));
-    if stage.train_lora && !has(&|g| g == "lora") {
-        let targets = store
-            .lora()
-            .map(|l| {
-                let excluded = match &l.spec.exclude_modules {
-                    Some(ex) => format!(" minus the excluded {}", describe_targets(ex)),
-                    None => String::new(),
-                };
-                format!("{}{excluded}", describe_targets(&l.spec.target_modules))
-            })
-            .unwrap_or_default();
-        return Err(Error::Config {
-            path: cfg.source.clone(),
-            key: "lora.target_modules".into(),
-            reason: format!(
-                "{targets} matches no linear layer of {} (stage `{}` trains lora); module \
-                 names look like `model.language_model.layers.0.self_attn.q_proj`",
-                model_dir.display(),
-                stage.name
-            ),
-        });
-    }
-    if stage.train_full && !has(&|g| g != "lora" && g != "proxy") {
-        return Err(Error::Config {
-            path: cfg.source.clone(),
-            key: "full.groups".into(),
-            reason: format!(
-                "the groups hold no weights of {} (stage `{}` trains full)",
-                model_dir.display(),
-                stage.name
-            ),
-        });
-    }
-    if params.is_empty() {
-        return Err(Error::Model(format!(
-            "stage `{}` has no trainable parameters",
-            stage.name
-        )));
-    }
-    Ok(())
-}
-
-/// `target_modules` as the recipe writes it: a list or a quoted regex.
-fn describe_targets(t: &TargetModules) -> String {
-    match t {
-        TargetModules::Suffixes(v) => format!("{v:?}"),
-        TargetModules::Pattern(p) => format!("{p:?}"),
-    }
-}
-
-/// A rank error from the LoRA factory is about the recipe's `lora.r` when the adapter is fresh.
-fn recipe_lora_error(cfg: &TrainConfig, e: Error) -> Error {
-    match e {
-        Error::Config { path, key, reason } if path.as_os_str() == "lora" => Error::Config {
-            path: cfg.source.clone(),
-            key: format!("lora.{key}"),
-            reason,
-        },
-        other => other,
-    }
 }
