@@ -316,29 +316,12 @@ fn fully_trained_groups_are_excluded_from_lora_and_merge_agrees_with_the_adapter
         assert!(adapter.contains_key(&key), "{key}");
     }
     // merge folds the adapter and the fully trained weights, and scores like adapter + weights.
-    let merged = tmp.path().join("merged");
+    let (with_adapter, from_merged) = merge_and_score(
+        &out.join("adapter"),
+        &out.join("full_weights.safetensors"),
+        &tmp.path().join("merged"),
+    );
     let model = repo().join("tests/fixtures/tiny-llava");
-    let o = lvlm(&[
-        "merge",
-        "--model",
-        model.to_str().unwrap(),
-        "--adapter",
-        out.join("adapter").to_str().unwrap(),
-        "--full-weights",
-        out.join("full_weights.safetensors").to_str().unwrap(),
-        "--out",
-        merged.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let with_adapter = score(&[
-        "--model",
-        model.to_str().unwrap(),
-        "--adapter",
-        out.join("adapter").to_str().unwrap(),
-        "--full-weights",
-        out.join("full_weights.safetensors").to_str().unwrap(),
-    ]);
-    let from_merged = score(&["--model", merged.to_str().unwrap()]);
     let base = score(&["--model", model.to_str().unwrap()]);
     println!("adapter+full {with_adapter}, merged {from_merged}, base {base}");
     assert!(
@@ -371,6 +354,38 @@ fn score(model_args: &[&str]) -> f64 {
     v["logprob"].as_f64().unwrap()
 }
 
+/// `merge` of `adapter` + `full` onto the tiny checkpoint into `out`, then the fixture score
+/// of `--adapter --full-weights` and of the merged checkpoint.
+fn merge_and_score(adapter: &Path, full: &Path, out: &Path) -> (f64, f64) {
+    let model = repo().join("tests/fixtures/tiny-llava");
+    let (model, adapter, full) = (
+        model.to_str().unwrap(),
+        adapter.to_str().unwrap(),
+        full.to_str().unwrap(),
+    );
+    let o = lvlm(&[
+        "merge",
+        "--model",
+        model,
+        "--adapter",
+        adapter,
+        "--full-weights",
+        full,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let applied = score(&[
+        "--model",
+        model,
+        "--adapter",
+        adapter,
+        "--full-weights",
+        full,
+    ]);
+    (applied, score(&["--model", out.to_str().unwrap()]))
+}
+
 #[test]
 fn merge_folds_an_adapter_on_a_fully_trained_module_into_its_replacement() {
     // An adapter with LoRA on the projector (written without the exclusion, e.g. by an older
@@ -395,29 +410,8 @@ fn merge_folds_an_adapter_on_a_fully_trained_module_into_its_replacement() {
     let cfg = recipe(&full_run, &s(&["train.max_steps=2", "optim.lr=1e-2"])).unwrap();
     run_recipe(&cfg, Resume::No, true).unwrap();
     let full = full_run.join("full_weights.safetensors");
+    let (applied, from_merged) = merge_and_score(&adapter, &full, &tmp.path().join("merged"));
     let model = repo().join("tests/fixtures/tiny-llava");
-    let merged = tmp.path().join("merged");
-    let o = lvlm(&[
-        "merge",
-        "--model",
-        model.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--full-weights",
-        full.to_str().unwrap(),
-        "--out",
-        merged.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let applied = score(&[
-        "--model",
-        model.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--full-weights",
-        full.to_str().unwrap(),
-    ]);
-    let from_merged = score(&["--model", merged.to_str().unwrap()]);
     let without_lora = score(&[
         "--model",
         model.to_str().unwrap(),
