@@ -6,7 +6,10 @@
 //! forgiving reading reported beside it to show how much accuracy is lost to answer formatting alone.
 
 pub mod confusion;
+pub mod item_lengths;
 pub mod mcq;
+pub mod model_states;
 pub mod parse;
+pub mod provenance;
 pub mod report;
 pub mod run;

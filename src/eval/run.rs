@@ -26,8 +26,12 @@ use std::time::Instant;
 use candle_core::{Device, IndexOp, Tensor, D};
 
 use super::confusion::{file_stem, plot_confusion, Confusion};
+pub use super::item_lengths::check_item_lengths;
 use super::mcq::{letter, question_prompt, McqItem};
+pub use super::model_states::{find_model_states, ModelState};
 use super::parse::{parse_lenient, parse_strict};
+use super::provenance::check_resume;
+pub use super::provenance::{fingerprint, RunInfo, RUN_INFO};
 use super::report::{metric_description, summarize, Report};
 use crate::error::{Error, Result};
 use crate::model::VisionLanguageModel;
@@ -180,50 +184,6 @@ pub fn generate_answer(session: &Session, image: &Path, prompt: &Prompt) -> Resu
     Ok(session.generate(image, prompt, MAX_NEW_TOKENS)?.text)
 }
 
-/// Check, before any model call, that every item fits in the model's `max_position_embeddings`:
-/// its prompt plus [`MAX_NEW_TOKENS`] (generate), or plus its longest scored continuation
-/// (likelihood modes). The error names the items file, the item and the numbers.
-pub fn check_item_lengths(
-    session: &Session,
-    items: &[&McqItem],
-    items_file: &Path,
-    scoring: Scoring,
-) -> Result<()> {
-    let limit = session.model.max_positions();
-    for item in items {
-        let prompt = Prompt::Chat(question_prompt(&item.key, &item.options));
-        let prompt_len = session.prompt_ids(&prompt)?.len();
-        let (extra, what) = match scoring {
-            Scoring::Generate => (MAX_NEW_TOKENS, "new tokens (generate scoring)".to_string()),
-            Scoring::Likelihood | Scoring::LikelihoodText => {
-                let mut longest = 0;
-                for i in 0..item.options.len() {
-                    let text = match scoring {
-                        Scoring::Likelihood => likelihood_continuation(letter(i)),
-                        _ => item.options[i].clone(),
-                    };
-                    longest = longest.max(session.text.encode_plain(&text)?.len());
-                }
-                (longest, "tokens of its longest scored answer".to_string())
-            }
-        };
-        if prompt_len + extra > limit {
-            return Err(Error::Config {
-                path: items_file.to_path_buf(),
-                key: format!("item {}", item.id),
-                reason: format!(
-                    "its prompt is {prompt_len} tokens; with {extra} {what} the sequence would be \
-                     {} tokens, past the model's max_position_embeddings {limit} ({}); nothing \
-                     was evaluated",
-                    prompt_len + extra,
-                    session.dir.join("config.json").display()
-                ),
-            });
-        }
-    }
-    Ok(())
-}
-
 /// Predict one item.
 pub fn predict(
     session: &Session,
@@ -338,180 +298,6 @@ pub struct EvalOptions {
     pub resume: bool,
     /// No progress bar.
     pub quiet: bool,
-}
-
-/// `run.json` in an eval output directory: what produced its `predictions.jsonl`. `--resume`
-/// continues only a run with the same record.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct RunInfo {
-    pub benchmark: String,
-    pub split: String,
-    pub scoring: String,
-    /// The model directory (canonical path; a Hub id as given when it is not a local path).
-    pub model: String,
-    pub adapter: Option<String>,
-    /// [`fingerprint`] of `adapter_config.json` + `adapter_model.safetensors`.
-    pub adapter_fingerprint: Option<String>,
-    pub full_weights: Option<String>,
-    pub full_weights_fingerprint: Option<String>,
-    pub dtype: String,
-    pub image_aspect: String,
-}
-
-pub const RUN_INFO: &str = "run.json";
-
-/// FNV-1a (64-bit) over the bytes of `files` in order, with each file's length mixed in: a
-/// content fingerprint (not a cryptographic hash) telling two adapters or weight files apart.
-pub fn fingerprint(files: &[PathBuf]) -> Result<String> {
-    use std::io::Read;
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for &b in bytes {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    };
-    let mut buf = vec![0u8; 1 << 20];
-    for f in files {
-        let mut file = std::fs::File::open(f).map_err(|e| Error::io(f, e))?;
-        let mut len = 0u64;
-        loop {
-            let n = file.read(&mut buf).map_err(|e| Error::io(f, e))?;
-            if n == 0 {
-                break;
-            }
-            eat(&buf[..n]);
-            len += n as u64;
-        }
-        eat(&len.to_le_bytes());
-    }
-    Ok(format!("fnv1a64:{h:016x}"))
-}
-
-fn canonical(p: &str) -> String {
-    std::fs::canonicalize(p)
-        .map(|c| c.display().to_string())
-        .unwrap_or_else(|_| p.to_string())
-}
-
-impl RunInfo {
-    /// The record of a run with `opts`, fingerprints computed from the files.
-    pub fn of(opts: &EvalOptions) -> Result<Self> {
-        let adapter_fingerprint = match &opts.adapter {
-            Some(a) => {
-                let dir = Path::new(a);
-                Some(fingerprint(&[
-                    dir.join(crate::adapter::ADAPTER_CONFIG),
-                    dir.join(crate::adapter::ADAPTER_WEIGHTS),
-                ])?)
-            }
-            None => None,
-        };
-        let full_weights_fingerprint = match &opts.full_weights {
-            Some(f) => Some(fingerprint(&[PathBuf::from(f)])?),
-            None => None,
-        };
-        Ok(Self {
-            benchmark: opts.benchmark.clone(),
-            split: opts.split.clone(),
-            scoring: opts.scoring.name().to_string(),
-            model: canonical(&opts.model),
-            adapter: opts.adapter.as_deref().map(canonical),
-            adapter_fingerprint,
-            full_weights: opts.full_weights.as_deref().map(canonical),
-            full_weights_fingerprint,
-            dtype: opts.dtype.clone(),
-            image_aspect: opts.image_aspect.clone(),
-        })
-    }
-
-    /// What differs from `old`, one `field: old -> new` per line; adapters and full weights are
-    /// compared by content (a copy at another path is the same).
-    pub fn differences(&self, old: &RunInfo) -> Vec<String> {
-        fn show(v: &Option<String>) -> String {
-            v.clone().unwrap_or_else(|| "none".into())
-        }
-        let mut out = Vec::new();
-        let mut cmp = |name: &str, o: String, n: String| {
-            if o != n {
-                out.push(format!("{name}: `{o}` before, `{n}` now"));
-            }
-        };
-        cmp("benchmark", old.benchmark.clone(), self.benchmark.clone());
-        cmp("split", old.split.clone(), self.split.clone());
-        cmp("scoring", old.scoring.clone(), self.scoring.clone());
-        cmp("model", old.model.clone(), self.model.clone());
-        if old.adapter_fingerprint != self.adapter_fingerprint {
-            cmp(
-                "adapter",
-                format!(
-                    "{} ({})",
-                    show(&old.adapter),
-                    show(&old.adapter_fingerprint)
-                ),
-                format!(
-                    "{} ({})",
-                    show(&self.adapter),
-                    show(&self.adapter_fingerprint)
-                ),
-            );
-        }
-        if old.full_weights_fingerprint != self.full_weights_fingerprint {
-            cmp(
-                "full_weights",
-                format!(
-                    "{} ({})",
-                    show(&old.full_weights),
-                    show(&old.full_weights_fingerprint)
-                ),
-                format!(
-                    "{} ({})",
-                    show(&self.full_weights),
-                    show(&self.full_weights_fingerprint)
-                ),
-            );
-        }
-        cmp("dtype", old.dtype.clone(), self.dtype.clone());
-        cmp(
-            "image_aspect",
-            old.image_aspect.clone(),
-            self.image_aspect.clone(),
-        );
-        out
-    }
-}
-
-/// With `--resume` and predictions already in `out_dir`: refuse unless `run.json` says they
-/// were made the same way as `now`.
-fn check_resume(out_dir: &Path, n_kept: usize, now: &RunInfo) -> Result<()> {
-    let path = out_dir.join(RUN_INFO);
-    let redo = "rerun without --resume to replace them, or evaluate into another --out";
-    let old: RunInfo = match std::fs::read_to_string(&path) {
-        Ok(text) => serde_json::from_str(&text).map_err(|e| Error::json(&path, e))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::Config {
-                path,
-                key: "--resume".into(),
-                reason: format!(
-                    "file missing: nothing records what made the {n_kept} prediction(s) in \
-                     predictions.jsonl, so they cannot be resumed safely; {redo}"
-                ),
-            })
-        }
-        Err(e) => return Err(Error::io(&path, e)),
-    };
-    let diff = now.differences(&old);
-    if diff.is_empty() {
-        return Ok(());
-    }
-    Err(Error::Config {
-        path,
-        key: "--resume".into(),
-        reason: format!(
-            "the {n_kept} prediction(s) in predictions.jsonl were made by another run ({}); {redo}",
-            diff.join("; ")
-        ),
-    })
 }
 
 /// Evaluate `items` (images relative to `data_dir`) into `out_dir`: `predictions.jsonl` (appended item by
@@ -637,84 +423,6 @@ pub fn evaluate(
     Ok(report)
 }
 
-/// A trained model state found under a run directory: a checkpoint or a stage's final outputs.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ModelState {
-    pub dir: PathBuf,
-    /// `adapter/` (PEFT) when LoRA was trained.
-    pub adapter: Option<PathBuf>,
-    /// `full_weights.safetensors` (stage outputs) or `trainable.safetensors` (checkpoints) when
-    /// module groups were trained in full.
-    pub full_weights: Option<PathBuf>,
-}
-
-/// Every directory under `root` (itself included) holding a trained state, in natural order
-/// (`checkpoint-2` before `checkpoint-10`): one with `adapter/adapter_config.json`,
-/// `full_weights.safetensors` or `trainable.safetensors`.
-pub fn find_model_states(root: &Path) -> Result<Vec<ModelState>> {
-    fn walk(dir: &Path, out: &mut Vec<ModelState>) -> Result<()> {
-        let adapter = Some(dir.join("adapter")).filter(|a| a.join("adapter_config.json").is_file());
-        let full_weights = [
-            dir.join("full_weights.safetensors"),
-            dir.join("trainable.safetensors"),
-        ]
-        .into_iter()
-        .find(|f| f.is_file());
-        if adapter.is_some() || full_weights.is_some() {
-            out.push(ModelState {
-                dir: dir.to_path_buf(),
-                adapter,
-                full_weights,
-            });
-        }
-        let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-        for e in entries {
-            let e = e.map_err(|e| Error::io(dir, e))?;
-            let ft = e.file_type().map_err(|err| Error::io(e.path(), err))?;
-            if ft.is_dir() && e.file_name() != "adapter" {
-                walk(&e.path(), out)?;
-            }
-        }
-        Ok(())
-    }
-    let mut out = Vec::new();
-    walk(root, &mut out)?;
-    out.sort_by_key(|s| natural_key(&s.dir.to_string_lossy()));
-    Ok(out)
-}
-
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Chunk {
-    Num(u128, usize),
-    Text(String),
-}
-
-/// Splits digits runs from text so that numbers compare by value.
-fn natural_key(s: &str) -> Vec<Chunk> {
-    let mut out = Vec::new();
-    let mut buf = String::new();
-    let mut digits = false;
-    for c in s.chars() {
-        if c.is_ascii_digit() != digits && !buf.is_empty() {
-            out.push(chunk(&buf, digits));
-            buf.clear();
-        }
-        digits = c.is_ascii_digit();
-        buf.push(c);
-    }
-    if !buf.is_empty() {
-        out.push(chunk(&buf, digits));
-    }
-    out
-}
-
-fn chunk(s: &str, digits: bool) -> Chunk {
-    match (digits, s.parse::<u128>()) {
-        (true, Ok(n)) => Chunk::Num(n, s.len()),
-        _ => Chunk::Text(s.to_string()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -723,45 +431,6 @@ mod tests {
     fn argmax_ties_first() {
         assert_eq!(argmax(&[-1.0, -0.5, -0.5]), Some(1));
         assert_eq!(argmax(&[]), None);
-    }
-
-    #[test]
-    fn natural_order_and_adapter_discovery() {
-        let d = tempfile::tempdir().unwrap();
-        for rel in [
-            "main/checkpoint-10",
-            "main/checkpoint-2",
-            "warmup/checkpoint-1",
-            "x",
-        ] {
-            std::fs::create_dir_all(d.path().join(rel)).unwrap();
-        }
-        for rel in ["main/checkpoint-10", "main/checkpoint-2"] {
-            let a = d.path().join(rel).join("adapter");
-            std::fs::create_dir_all(&a).unwrap();
-            std::fs::write(a.join("adapter_config.json"), "{}").unwrap();
-        }
-        // A full-training-only checkpoint (no adapter) is found through its trainable tensors.
-        std::fs::write(
-            d.path().join("warmup/checkpoint-1/trainable.safetensors"),
-            "x",
-        )
-        .unwrap();
-        let found = find_model_states(d.path()).unwrap();
-        assert!(found[0].adapter.is_some() && found[0].full_weights.is_none());
-        assert!(found[2].adapter.is_none() && found[2].full_weights.is_some());
-        let rel: Vec<String> = found
-            .iter()
-            .map(|s| s.dir.strip_prefix(d.path()).unwrap().display().to_string())
-            .collect();
-        assert_eq!(
-            rel,
-            vec![
-                "main/checkpoint-2",
-                "main/checkpoint-10",
-                "warmup/checkpoint-1"
-            ]
-        );
     }
 
     #[test]

@@ -5,19 +5,22 @@
 //! We write the module paths of transformers >= 4.52 (`model.language_model.layers.0...`), which
 //! are our canonical names; on read, any layout our weight loader knows is accepted.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::checkpoint::weight_files;
 use crate::model::lora::{AdapterEntry, LoraSpec, TargetModules};
-use crate::model::weights::{llava_canonical_name, WeightStore};
-use crate::train::checkpoint::{
-    load_float_safetensors, load_safetensors, save_safetensors, write_atomic,
-};
+use crate::model::weights::llava_canonical_name;
+use crate::train::checkpoint::{load_float_safetensors, save_safetensors, write_atomic};
+
+mod fit;
+mod merge;
+
+pub use fit::{base_linear_modules, check_adapter_fits};
+pub use merge::{merge_into_copy, merge_output_problem, MergeReport};
 
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
@@ -240,126 +243,6 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<Adapter> {
     })
 }
 
-/// The modules of a base checkpoint an adapter can target, with their weight shapes
-/// `[out, in]`: every 2-D `*.weight` by canonical module name, embeddings excluded (only linear
-/// layers take LoRA here). Reads only the safetensors headers.
-pub fn base_linear_modules(base: &Path) -> Result<BTreeMap<String, Vec<usize>>> {
-    let files = weight_files(base)?;
-    let store = WeightStore::open(base, &files, &Device::Cpu, DType::F32, llava_canonical_name)?;
-    let mut out = BTreeMap::new();
-    for name in store.names() {
-        let Some(module) = name.strip_suffix(".weight") else {
-            continue;
-        };
-        if module.ends_with("embed_tokens") || module.ends_with("position_embedding") {
-            continue;
-        }
-        if let Some(shape) = store.shape_of(&name).filter(|s| s.len() == 2) {
-            out.insert(module.to_string(), shape);
-        }
-    }
-    Ok(out)
-}
-
-/// `target_modules` as written in `adapter_config.json`.
-fn show_targets(t: &TargetModules) -> String {
-    serde_json::to_string(t).unwrap_or_else(|_| format!("{t:?}"))
-}
-
-/// A few module names of `modules` and the distinct last segments of all of them, for errors.
-fn describe_modules(modules: &BTreeMap<String, Vec<usize>>) -> String {
-    let examples: Vec<&str> = modules
-        .keys()
-        .filter(|m| m.contains(".layers.0."))
-        .chain(modules.keys())
-        .map(String::as_str)
-        .take(3)
-        .collect();
-    let suffixes: std::collections::BTreeSet<&str> = modules
-        .keys()
-        .map(|m| m.rsplit('.').next().unwrap_or(m))
-        .collect();
-    format!(
-        "{} (module names end in: {})",
-        examples.join(", "),
-        suffixes.into_iter().collect::<Vec<_>>().join(", ")
-    )
-}
-
-/// Check, from the base's weight headers, that `adapter` was made for the checkpoint in `base`:
-/// its `target_modules` match some module of the base, and every module it has weights for
-/// exists in the base, has the shape the weights were trained for and is matched by
-/// `target_modules`. Errors name the adapter, the base and the module or pattern at fault.
-pub fn check_adapter_fits(adapter: &Adapter, base: &Path) -> Result<()> {
-    let modules = base_linear_modules(base)?;
-    let cfg_path = adapter.dir.join(ADAPTER_CONFIG);
-    let weights_path = adapter.dir.join(ADAPTER_WEIGHTS);
-    let targets = show_targets(&adapter.spec.target_modules);
-    let matcher = adapter.spec.matcher()?;
-    if !modules.keys().any(|m| matcher.matches(m)) {
-        return Err(Error::Config {
-            path: cfg_path,
-            key: "target_modules".into(),
-            reason: format!(
-                "{targets} matches no module of base {}; its modules are e.g. {}",
-                base.display(),
-                describe_modules(&modules)
-            ),
-        });
-    }
-    let trained_for = match &adapter.base_model {
-        Some(b) => format!(" (adapter_config.json names base_model_name_or_path `{b}`)"),
-        None => String::new(),
-    };
-    let mut names: Vec<&String> = adapter.weights.keys().collect();
-    names.sort();
-    for m in names {
-        let (a, b) = &adapter.weights[m];
-        let r = adapter.spec.r;
-        if a.dims().len() != 2 || b.dims().len() != 2 || a.dim(0)? != r || b.dim(1)? != r {
-            return Err(Error::Weights(format!(
-                "adapter {}: `{m}` has lora_A {:?} and lora_B {:?}, not a rank-{r} pair \
-                 ([{r}, in] and [out, {r}]) as adapter_config.json's r = {r} says",
-                adapter.dir.display(),
-                a.dims(),
-                b.dims()
-            )));
-        }
-        let trained = [b.dim(0)?, a.dim(1)?];
-        match modules.get(m) {
-            None => {
-                return Err(Error::Weights(format!(
-                    "adapter {} has LoRA weights for `{m}`, which base {} does not have: it was \
-                     trained for another model{trained_for}; base modules are e.g. {}",
-                    adapter.dir.display(),
-                    base.display(),
-                    describe_modules(&modules)
-                )))
-            }
-            Some(shape) if shape[..] != trained[..] => {
-                return Err(Error::Weights(format!(
-                    "adapter {} was trained for a model where `{m}` is {trained:?}; base {} has \
-                     {shape:?}{trained_for}",
-                    adapter.dir.display(),
-                    base.display()
-                )))
-            }
-            Some(_) => {}
-        }
-        if !matcher.matches(m) {
-            return Err(Error::Config {
-                path: cfg_path,
-                key: "target_modules".into(),
-                reason: format!(
-                    "{targets} does not match `{m}`, which {} holds LoRA weights for",
-                    weights_path.display()
-                ),
-            });
-        }
-    }
-    Ok(())
-}
-
 /// The adapter's tensors under PEFT names, in f32.
 pub fn adapter_tensors(entries: &[AdapterEntry]) -> Result<HashMap<String, Tensor>> {
     let mut out = HashMap::new();
@@ -441,149 +324,6 @@ pub fn with_temp_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Resu
         std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
     }
     Ok(())
-}
-
-/// Why `out` cannot receive a merged checkpoint, if it cannot: merge writes a new directory and
-/// never replaces what is there — `out` must not exist, or be an empty directory.
-pub fn merge_output_problem(out: &Path) -> Option<String> {
-    let meta = std::fs::metadata(out).ok()?;
-    if !meta.is_dir() {
-        return Some(format!(
-            "{} exists and is not a directory; merge writes a checkpoint directory and never \
-             replaces a file",
-            out.display()
-        ));
-    }
-    match std::fs::read_dir(out).map(|mut entries| entries.next().is_none()) {
-        Ok(true) => None,
-        Ok(false) => Some(format!(
-            "{} is a directory that is not empty; merge never overwrites one: remove it or \
-             choose another output directory",
-            out.display()
-        )),
-        Err(e) => Some(format!("cannot read {}: {e}", out.display())),
-    }
-}
-
-/// Write a merged checkpoint: the base's files with `W' = W + scale·B@A` for every adapted module
-/// (and `replaced` weights, by canonical name, e.g. fully trained groups), same key names, same
-/// shard layout, same dtype; config, tokenizer and processor files copied.
-///
-/// `out` must not exist or be an empty directory ([`merge_output_problem`]); it is built in a
-/// temp dir and renamed into place only when every adapter module was found with its shape, so a
-/// failure leaves nothing behind and touches no existing file.
-pub fn merge_into_copy(
-    base: &Path,
-    out: &Path,
-    spec: Option<&LoraSpec>,
-    lora: &HashMap<String, (Tensor, Tensor)>,
-    replaced: &HashMap<String, Tensor>,
-) -> Result<MergeReport> {
-    if let Some(problem) = merge_output_problem(out) {
-        return Err(Error::Config {
-            path: out.to_path_buf(),
-            key: "out".into(),
-            reason: problem,
-        });
-    }
-    let files = weight_files(base)?;
-    let scale = spec.map(|s| s.scale()).unwrap_or(0.0);
-    let mut report = MergeReport::default();
-    let mut seen_modules = BTreeMap::new();
-    let mut seen_replaced = std::collections::BTreeSet::new();
-    with_temp_dir(out, |tmp| {
-        for entry in std::fs::read_dir(base).map_err(|e| Error::io(base, e))? {
-            let entry = entry.map_err(|e| Error::io(base, e))?;
-            let name = entry.file_name().to_string_lossy().to_string();
-            let is_weights = name.ends_with(".safetensors");
-            if entry.path().is_file() && !is_weights && !name.starts_with('.') {
-                std::fs::copy(entry.path(), tmp.join(&name))
-                    .map_err(|e| Error::io(entry.path(), e))?;
-            }
-        }
-        for file in &files {
-            let tensors = load_safetensors(file, &Device::Cpu)?;
-            let mut out_tensors = HashMap::new();
-            for (key, t) in tensors {
-                let canonical = llava_canonical_name(&key);
-                let module = canonical.as_deref().and_then(|c| c.strip_suffix(".weight"));
-                let dtype = t.dtype();
-                // A fully trained weight replaces the base one; an adapter on the same module
-                // (adapters written before fully trained groups were excluded from LoRA) is
-                // folded into the replacement, as `score --adapter --full-weights` applies it.
-                let mut new = t;
-                if let Some(r) = canonical.as_ref().and_then(|c| replaced.get(c)) {
-                    seen_replaced.insert(canonical.clone().unwrap_or_default());
-                    report.replaced += 1;
-                    new = r.to_dtype(dtype)?.to_device(&Device::Cpu)?;
-                }
-                if let Some((a, b)) = module.and_then(|m| lora.get(m)) {
-                    let m = module.unwrap_or_default();
-                    seen_modules.insert(m.to_string(), ());
-                    report.merged += 1;
-                    let delta =
-                        (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)? * scale)?;
-                    if delta.dims() != new.dims() {
-                        return Err(Error::Weights(format!(
-                            "the adapter was trained for a model where `{m}` is {:?}; base {} \
-                             has {:?}",
-                            delta.dims(),
-                            base.display(),
-                            new.dims()
-                        )));
-                    }
-                    new = (new.to_dtype(DType::F32)? + delta.to_device(&Device::Cpu)?)?
-                        .to_dtype(dtype)?;
-                }
-                out_tensors.insert(key, new);
-            }
-            let fname = file.file_name().map(PathBuf::from).unwrap_or_default();
-            save_safetensors(&tmp.join(fname), &out_tensors, &HashMap::new())?;
-        }
-        // Checked before the rename: a failed merge leaves nothing at `out`.
-        report.unmatched = lora
-            .keys()
-            .filter(|m| !seen_modules.contains_key(*m))
-            .cloned()
-            .collect();
-        report.unmatched.sort();
-        if !report.unmatched.is_empty() {
-            return Err(Error::Weights(format!(
-                "adapter modules not found in the base checkpoint {}: {}",
-                base.display(),
-                report.unmatched.join(", ")
-            )));
-        }
-        let mut stray: Vec<&String> = replaced
-            .keys()
-            .filter(|k| !seen_replaced.contains(*k))
-            .collect();
-        if !stray.is_empty() {
-            stray.sort();
-            return Err(Error::Weights(format!(
-                "{} of {} full weight(s) match no weight of the base checkpoint {}: {}",
-                stray.len(),
-                replaced.len(),
-                base.display(),
-                stray
-                    .iter()
-                    .map(|k| format!("`{k}`"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        }
-        Ok(())
-    })?;
-    Ok(report)
-}
-
-#[derive(Debug, Default, Clone, Serialize)]
-pub struct MergeReport {
-    /// Weights that received a LoRA delta.
-    pub merged: usize,
-    /// Weights replaced by fully trained ones.
-    pub replaced: usize,
-    pub unmatched: Vec<String>,
 }
 
 #[cfg(test)]
