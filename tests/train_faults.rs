@@ -487,3 +487,28 @@ fn a_sample_longer_than_the_model_allows_is_an_error_naming_it() {
         "{e}"
     );
 }
+
+#[test]
+fn the_grad_norm_clip_covers_the_model_only_unless_clip_proxy() {
+    // LoRA + the proxy vectors in one stage: the reported (and clipped) norm is the model's;
+    // with optim.clip_proxy the proxy's gradient joins it.
+    let tmp = tempfile::tempdir().unwrap();
+    let norm = |name: &str, clip_proxy: bool| -> f64 {
+        let out = tmp.path().join(name);
+        let cfg = recipe(
+            &out,
+            &s(&[
+                "data.instruction_mode=proxy",
+                "full.groups=[]",
+                "train.max_steps=1",
+                &format!("optim.clip_proxy={clip_proxy}"),
+            ]),
+        )
+        .unwrap();
+        run_recipe(&cfg, Resume::No, true).unwrap();
+        MetricsLog::read_all(&out.join("metrics.jsonl")).unwrap()[0].grad_norm
+    };
+    let (model_only, with_proxy) = (norm("model", false), norm("both", true));
+    println!("grad norm: model only {model_only}, with proxy {with_proxy}");
+    assert!(model_only > 0.0 && with_proxy > model_only * (1.0 + 1e-6));
+}

@@ -141,6 +141,10 @@ pub fn load_pairs(src: &PairSource) -> Result<Vec<Pair>> {
     load_pair_sources(std::slice::from_ref(src))
 }
 
+/// Most training samples the sources may expand to, repeats included (a sample costs its image
+/// path and description in memory; real medical sets hold up to a few million).
+pub const MAX_EXPANDED_PAIRS: usize = 10_000_000;
+
 /// Several sources concatenated in order, each repeated its own `repeat` times (e.g. a training
 /// set plus another set repeated x3). All sources are validated before anything is returned, and
 /// row problems of every source are reported together in one error.
@@ -196,6 +200,27 @@ pub fn load_pair_sources(srcs: &[PairSource]) -> Result<Vec<Pair>> {
         if problems.len() > before {
             failing.push(&src.manifest);
         } else if problems.is_empty() {
+            // Checked before the repeats are materialised: a repeat factor must not turn a
+            // manifest into more samples than memory holds.
+            let total = pairs
+                .len()
+                .checked_mul(src.repeat)
+                .and_then(|n| n.checked_add(out.len()))
+                .filter(|&n| n <= MAX_EXPANDED_PAIRS);
+            if total.is_none() {
+                return Err(Error::Config {
+                    path: src.manifest.clone(),
+                    key: "repeat".into(),
+                    reason: format!(
+                        "{} pairs x repeat {} (after {} pairs of earlier sources) exceed the limit \
+                         of {MAX_EXPANDED_PAIRS} training samples",
+                        pairs.len(),
+                        src.repeat,
+                        out.len()
+                    ),
+                });
+            }
+            out.reserve(pairs.len() * src.repeat);
             for _ in 0..src.repeat {
                 out.extend(pairs.iter().cloned());
             }

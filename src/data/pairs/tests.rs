@@ -191,6 +191,26 @@ fn sources_are_concatenated_each_with_its_repeat() {
 }
 
 #[test]
+fn a_repeat_that_would_exceed_the_sample_limit_is_refused_before_expanding() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    png(d, "a.png");
+    let m = write(d, "p.csv", "image,text\na.png,first\na.png,second\n");
+    let src = PairSource {
+        // 2 rows x (limit / 2 + 1) is one pair over the limit; usize::MAX overflows outright.
+        repeat: MAX_EXPANDED_PAIRS / 2 + 1,
+        ..PairSource::new(&m)
+    };
+    let e = load_pairs(&src).unwrap_err().to_string();
+    assert!(e.contains("p.csv") && e.contains("exceed the limit"), "{e}");
+    let src = PairSource {
+        repeat: usize::MAX,
+        ..PairSource::new(&m)
+    };
+    assert!(load_pairs(&src).unwrap_err().to_string().contains("repeat"));
+}
+
+#[test]
 fn every_problem_is_reported_with_its_line_in_one_error() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
