@@ -6,6 +6,7 @@
 
 pub mod adapter;
 pub mod bench;
+pub mod civil_time;
 pub mod cli;
 pub mod config;
 pub mod data;

@@ -55,13 +55,13 @@ impl OutputLock {
         }
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
+            .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
         let args: Vec<String> = std::env::args().collect();
         let who = format!(
             "pid {}, started {}, command: {}",
             std::process::id(),
-            utc_timestamp(started),
+            crate::civil_time::utc_timestamp(started),
             args.join(" ")
         );
         file.set_len(0)
@@ -75,28 +75,6 @@ impl OutputLock {
     pub fn path(&self) -> &Path {
         &self.path
     }
-}
-
-/// `YYYY-MM-DD HH:MM:SS UTC` of a unix time (proleptic Gregorian calendar, days-from-civil
-/// inverted as in H. Hinnant's `civil_from_days`).
-fn utc_timestamp(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 #[cfg(test)]
@@ -116,12 +94,5 @@ mod tests {
         );
         drop(first);
         OutputLock::acquire(&dir).unwrap();
-    }
-
-    #[test]
-    fn timestamps_are_utc_dates() {
-        assert_eq!(utc_timestamp(0), "1970-01-01 00:00:00 UTC");
-        assert_eq!(utc_timestamp(951_782_400), "2000-02-29 00:00:00 UTC");
-        assert_eq!(utc_timestamp(1_796_191_870), "2026-12-02 06:11:10 UTC");
     }
 }
