@@ -8,23 +8,15 @@ use lvlm_ift::config::TrainConfig;
 use lvlm_ift::method::proxy::ProxyInstruction;
 use lvlm_ift::train::recipe::{run_recipe, Resume};
 
+mod common;
+
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// The smoke recipe pointed at absolute fixture paths and `out`.
 fn smoke(out: &Path, extra: &[&str]) -> TrainConfig {
-    let mut ov: Vec<String> = vec![
-        format!(
-            "model.path={}",
-            repo().join("tests/fixtures/tiny-llava").display()
-        ),
-        format!(
-            "data.train=[{{ manifest = \"{}\" }}]",
-            repo().join("tests/fixtures/pairs/pairs.jsonl").display()
-        ),
-        format!("train.output_dir={}", out.display()),
-    ];
+    let mut ov = common::fixture_overrides(out);
     ov.extend(extra.iter().map(|s| s.to_string()));
     TrainConfig::load(&repo().join("configs/smoke.toml"), &ov).unwrap()
 }
@@ -38,19 +30,8 @@ fn proxy_step(out: &Path, momentum: Option<f64>) -> ProxyInstruction {
         "[[stages]]\nname = \"only\"\ntrainable = [\"proxy\"]\nepochs = 1\nmax_steps = 1\nlr = 0.05\n{}",
         momentum.map(|m| format!("momentum = {m}\n")).unwrap_or_default()
     ));
-    let ov = vec![
-        format!(
-            "model.path={}",
-            repo().join("tests/fixtures/tiny-llava").display()
-        ),
-        format!(
-            "data.train=[{{ manifest = \"{}\" }}]",
-            repo().join("tests/fixtures/pairs/pairs.jsonl").display()
-        ),
-        format!("train.output_dir={}", out.display()),
-        "schedule.kind=constant".into(),
-        "schedule.warmup_ratio=0.0".into(),
-    ];
+    let mut ov = common::fixture_overrides(out);
+    ov.extend(["schedule.kind=constant", "schedule.warmup_ratio=0.0"].map(String::from));
     let cfg = TrainConfig::from_toml_str(&text, Path::new("inline.toml"), &ov).unwrap();
     run_recipe(&cfg, Resume::No, true).unwrap();
     ProxyInstruction::load(&out.join("only/proxy.safetensors"), &Device::Cpu).unwrap()

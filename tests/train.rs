@@ -17,21 +17,16 @@ fn repo() -> PathBuf {
 /// The LoRA fixture recipe with dropout on (so the RNG state matters), 2 epochs, checkpoints every 3
 /// steps, written to `out`.
 fn recipe(out: &Path, extra: &[&str]) -> TrainConfig {
-    let mut ov: Vec<String> = vec![
-        format!(
-            "model.path={}",
-            repo().join("tests/fixtures/tiny-llava").display()
-        ),
-        format!(
-            "data.train=[{{ manifest = \"{}\" }}]",
-            repo().join("tests/fixtures/pairs/pairs.jsonl").display()
-        ),
-        format!("train.output_dir={}", out.display()),
-        "train.epochs=2".into(),
-        "train.save_every=3".into(),
-        "train.keep_last=10".into(),
-        "lora.dropout=0.1".into(),
-    ];
+    let mut ov = common::fixture_overrides(out);
+    ov.extend(
+        [
+            "train.epochs=2",
+            "train.save_every=3",
+            "train.keep_last=10",
+            "lora.dropout=0.1",
+        ]
+        .map(String::from),
+    );
     ov.extend(extra.iter().map(|s| s.to_string()));
     TrainConfig::load(&repo().join("tests/fixtures/recipes/lora.toml"), &ov).unwrap()
 }

@@ -22,18 +22,8 @@ fn repo() -> PathBuf {
 /// The LoRA fixture recipe (LoRA on attention, projector in full, fixed instruction), no
 /// dropout, written to `out`, with `extra` overrides.
 fn recipe(out: &Path, extra: &[String]) -> Result<TrainConfig, lvlm_ift::error::Error> {
-    let mut ov: Vec<String> = vec![
-        format!(
-            "model.path={}",
-            repo().join("tests/fixtures/tiny-llava").display()
-        ),
-        format!(
-            "data.train=[{{ manifest = \"{}\" }}]",
-            repo().join("tests/fixtures/pairs/pairs.jsonl").display()
-        ),
-        format!("train.output_dir={}", out.display()),
-        "lora.dropout=0.0".into(),
-    ];
+    let mut ov = common::fixture_overrides(out);
+    ov.push("lora.dropout=0.0".into());
     ov.extend(extra.iter().cloned());
     TrainConfig::load(&repo().join("tests/fixtures/recipes/lora.toml"), &ov)
 }

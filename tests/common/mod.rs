@@ -9,6 +9,19 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 
+/// `--set` overrides that point a recipe at the tiny checkpoint, the tiny pair set and `out`
+/// (absolute paths, so tests do not depend on the working directory).
+pub fn fixture_overrides(out: &std::path::Path) -> Vec<String> {
+    vec![
+        format!("model.path={}", fixtures().join("tiny-llava").display()),
+        format!(
+            "data.train=[{{ manifest = \"{}\" }}]",
+            fixtures().join("pairs/pairs.jsonl").display()
+        ),
+        format!("train.output_dir={}", out.display()),
+    ]
+}
+
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
