@@ -2,22 +2,21 @@
 //! two questions users ask of it — "how likely is this continuation?" and "what do you answer?".
 //! Used by the `score` and `generate` commands and, later, by the evaluator.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use std::collections::HashMap;
-
 use crate::adapter::{check_adapter_fits, read_adapter};
 use crate::data::image::load_rgb;
-use crate::data::processor::{AspectMode, ClipImageProcessor, ClipProcessorConfig};
+use crate::data::processor::{AspectMode, ImageProcessor};
 use crate::data::prompt::{ChatTemplate, TextProcessor};
 use crate::error::{Error, Result};
 use crate::model::checkpoint::resolve_model;
+use crate::model::family::{layout, open_with_layout};
 use crate::model::generate::{continuation_logprobs, greedy};
-use crate::model::llava::{LlavaModel, LoadOptions};
 use crate::model::lora::LoraFactory;
-use crate::model::VisionLanguageModel;
+use crate::model::{LoadOptions, ModelLayout, VisionInput, VisionLanguageModel};
 use crate::train::checkpoint::load_float_safetensors;
 
 /// How the prompt text is turned into tokens.
@@ -55,8 +54,10 @@ impl Default for SessionOptions {
 }
 
 pub struct Session {
-    pub model: LlavaModel,
-    pub processor: ClipImageProcessor,
+    pub model: Box<dyn VisionLanguageModel>,
+    /// What the checkpoint is (family, shapes, limits), from its `config.json`.
+    pub layout: ModelLayout,
+    pub processor: ImageProcessor,
     pub template: ChatTemplate,
     pub text: TextProcessor,
     pub device: Device,
@@ -93,16 +94,17 @@ impl Session {
     /// `model`: a local directory or a Hub repo id.
     pub fn load(model: &str, opts: SessionOptions) -> Result<Self> {
         let dir = resolve_model(model)?;
+        let layout = layout(&dir)?;
         let lora = match &opts.adapter {
             Some(path) => {
-                let adapter = read_adapter(path, &opts.device)?;
+                let adapter = read_adapter(path, &opts.device, layout.family.key_map())?;
                 check_adapter_fits(&adapter, &dir)?;
                 Some(LoraFactory::new(adapter.spec, false, 0)?.with_loaded(adapter.weights))
             }
             None => None,
         };
-        let (model, store) = LlavaModel::load(
-            &dir,
+        let opened = open_with_layout(
+            layout,
             LoadOptions {
                 device: opts.device.clone(),
                 dtype: opts.dtype,
@@ -113,8 +115,9 @@ impl Session {
                     None => Default::default(),
                 },
             },
+            opts.aspect,
         )?;
-        if let (Some(path), Some(factory)) = (&opts.adapter, store.lora()) {
+        if let (Some(path), Some(factory)) = (&opts.adapter, opened.store.lora()) {
             let missing = factory.missing_loaded();
             if let Some(first) = missing.first() {
                 return Err(Error::Weights(format!(
@@ -127,28 +130,11 @@ impl Session {
                 )));
             }
         }
-        drop(store);
-        let processor =
-            ClipImageProcessor::new(ClipProcessorConfig::from_model_dir(&dir)?, opts.aspect)?;
-        let vision = &model.config().vision;
-        let want = (vision.image_size, vision.image_size);
-        if processor.output_size() != want {
-            return Err(Error::Config {
-                path: dir.join("preprocessor_config.json"),
-                key: "crop_size".into(),
-                reason: format!(
-                    "the processor makes {:?} images but the vision tower expects {want:?}",
-                    processor.output_size()
-                ),
-            });
-        }
-        let template = ChatTemplate::from_model_dir(&dir)?;
-        let text =
-            TextProcessor::from_model_dir(&dir, model.image_token_id(), model.num_image_tokens())?;
-        text.check_eos_within(model.config().text.vocab_size, &dir.join("config.json"))?;
+        let (template, text) = opened.layout.prompt()?;
         Ok(Self {
-            model,
-            processor,
+            model: opened.model,
+            layout: opened.layout,
+            processor: opened.processor,
             template,
             text,
             device: opts.device,
@@ -156,15 +142,11 @@ impl Session {
         })
     }
 
-    /// `[1, 3, H, W]` pixel values of an image file.
-    pub fn pixel_values(&self, image: &Path) -> Result<Tensor> {
+    /// The model's vision input for one image file.
+    pub fn vision_input(&self, image: &Path) -> Result<VisionInput> {
         let rgb = load_rgb(image)?;
-        let px = self.processor.preprocess(&rgb)?;
-        Ok(Tensor::from_vec(
-            px.data,
-            (1, 3, px.height, px.width),
-            &self.device,
-        )?)
+        let processed = self.processor.preprocess(&rgb)?;
+        VisionInput::from_processed(&[processed], &self.device)
     }
 
     /// Token ids of a prompt, image placeholder expanded.
@@ -191,7 +173,7 @@ impl Session {
     }
 
     pub fn score(&self, image: &Path, prompt: &Prompt, continuation: &str) -> Result<ScoreOutput> {
-        let pixels = self.pixel_values(image)?;
+        let vision = self.vision_input(image)?;
         let prompt_ids = self.prompt_ids(prompt)?;
         let cont = self.text.encode_plain(continuation)?;
         if cont.is_empty() {
@@ -199,8 +181,13 @@ impl Session {
                 "the continuation is empty after tokenization".into(),
             ));
         }
-        let token_logprobs =
-            continuation_logprobs(&self.model, &prompt_ids, &cont, Some(&pixels), &self.device)?;
+        let token_logprobs = continuation_logprobs(
+            self.model.as_ref(),
+            &prompt_ids,
+            &cont,
+            Some(&vision),
+            &self.device,
+        )?;
         let tokens = cont
             .iter()
             .map(|&t| self.text.decode(&[t], false))
@@ -246,12 +233,12 @@ impl Session {
     ) -> Result<GenerateOutput> {
         let prompt_ids = self.prompt_ids(prompt)?;
         self.check_generation_length(prompt_ids.len(), max_new_tokens)?;
-        let pixels = self.pixel_values(image)?;
+        let vision = self.vision_input(image)?;
         let eos = self.text.eos_token_ids();
         let token_ids = greedy(
-            &self.model,
+            self.model.as_ref(),
             &prompt_ids,
-            Some(&pixels),
+            Some(&vision),
             max_new_tokens,
             &eos,
             &self.device,

@@ -237,7 +237,7 @@ fn option_loglikelihoods_match_full_forward() {
         .collect();
     let prompt = Prompt::Chat(question_prompt("shape", &options));
     let prompt_ids = session.prompt_ids(&prompt).unwrap();
-    let pixels = session.pixel_values(&image).unwrap();
+    let vision = session.vision_input(&image).unwrap();
     let conts: Vec<Vec<u32>> = (0..options.len())
         .map(|i| {
             session
@@ -247,19 +247,19 @@ fn option_loglikelihoods_match_full_forward() {
         })
         .collect();
     let got = option_loglikelihoods(
-        &session.model,
+        session.model.as_ref(),
         &prompt_ids,
-        Some(&pixels),
+        Some(&vision),
         &conts,
         &session.device,
     )
     .unwrap();
     for (i, c) in conts.iter().enumerate() {
         let want: f32 = continuation_logprobs(
-            &session.model,
+            session.model.as_ref(),
             &prompt_ids,
             c,
-            Some(&pixels),
+            Some(&vision),
             &session.device,
         )
         .unwrap()
@@ -278,9 +278,9 @@ fn option_loglikelihoods_match_full_forward() {
     }
     // A single continuation (no shared prefix split) agrees too.
     let one = option_loglikelihoods(
-        &session.model,
+        session.model.as_ref(),
         &prompt_ids,
-        Some(&pixels),
+        Some(&vision),
         &conts[..1],
         &session.device,
     )

@@ -5,8 +5,9 @@ mod common;
 
 use candle_core::{Device, Tensor, D};
 use common::{fixtures, Expected, MODELS};
-use lvlm_ift::model::llava::{LlavaModel, LoadOptions};
+use lvlm_ift::model::llava::LlavaModel;
 use lvlm_ift::model::VisionLanguageModel;
+use lvlm_ift::model::{LoadOptions, VisionInput};
 
 #[test]
 fn every_weight_receives_a_nonzero_gradient() {
@@ -20,7 +21,11 @@ fn every_weight_receives_a_nonzero_gradient() {
         let ids = exp.ids("input_ids.raw");
         let input = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).unwrap();
         let logits = m
-            .forward(&input, Some(exp.tensor("pixel_values.photo")), None)
+            .forward(
+                &input,
+                Some(&VisionInput::pixels(exp.tensor("pixel_values.photo"))),
+                None,
+            )
             .unwrap()
             .squeeze(0)
             .unwrap();
@@ -90,7 +95,11 @@ fn frozen_weights_get_no_gradient_buffers() {
     let ids = exp.ids("input_ids.raw");
     let input = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).unwrap();
     let logits = m
-        .forward(&input, Some(exp.tensor("pixel_values.photo")), None)
+        .forward(
+            &input,
+            Some(&VisionInput::pixels(exp.tensor("pixel_values.photo"))),
+            None,
+        )
         .unwrap();
     let grads = logits
         .sqr()

@@ -8,17 +8,19 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor};
 use common::{diff, fixtures, Expected};
 use lvlm_ift::adapter::{merge_into_copy, read_adapter};
-use lvlm_ift::model::llava::{LlavaModel, LoadOptions};
+use lvlm_ift::model::llava::LlavaModel;
 use lvlm_ift::model::lora::LoraFactory;
 use lvlm_ift::model::loss::causal_lm_loss;
 use lvlm_ift::model::weights::WeightStore;
 use lvlm_ift::model::VisionLanguageModel;
+use lvlm_ift::model::{LoadOptions, VisionInput};
 use lvlm_ift::train::optim::{AdamW, AdamWConfig, Gradients, ParamGroup};
 
 fn load_with_init_adapter(trainable: bool) -> (LlavaModel, WeightStore) {
     let adapter = read_adapter(
         &fixtures().join("parity/tiny-llava-lora-init"),
         &Device::Cpu,
+        lvlm_ift::model::llava::canonical_name,
     )
     .unwrap();
     let lora = LoraFactory::new(adapter.spec, trainable, 0)
@@ -63,7 +65,11 @@ fn lora_logits_loss_grads_and_adamw_step_match_peft() {
         .unwrap();
     let labels = exp.tensor("lora.labels");
     let logits = model
-        .forward(&ids, Some(exp.tensor("lora.pixel_values")), None)
+        .forward(
+            &ids,
+            Some(&VisionInput::pixels(exp.tensor("lora.pixel_values"))),
+            None,
+        )
         .unwrap();
     let (max, _) = diff(&logits, exp.tensor("lora.logits"));
     println!("LoRA logits: max abs {max:.3e}");
@@ -146,6 +152,7 @@ fn merged_checkpoint_matches_peft_merge_and_unmerged_adapter() {
     let adapter = read_adapter(
         &fixtures().join("parity/tiny-llava-lora-init"),
         &Device::Cpu,
+        lvlm_ift::model::llava::canonical_name,
     )
     .unwrap();
     let out = tempfile::tempdir().unwrap();
@@ -168,12 +175,16 @@ fn merged_checkpoint_matches_peft_merge_and_unmerged_adapter() {
         .to_dtype(candle_core::DType::U32)
         .unwrap();
     let px = exp.tensor("lora.pixel_values");
-    let merged_logits = merged.forward(&ids, Some(px), None).unwrap();
+    let merged_logits = merged
+        .forward(&ids, Some(&VisionInput::pixels(px)), None)
+        .unwrap();
     let (max, _) = diff(&merged_logits, exp.tensor("merged.logits"));
     println!("merged vs PEFT merge_and_unload: max abs {max:.3e}");
     assert!(max < 1e-4);
     let (with_adapter, _) = load_with_init_adapter(false);
-    let unmerged: Tensor = with_adapter.forward(&ids, Some(px), None).unwrap();
+    let unmerged: Tensor = with_adapter
+        .forward(&ids, Some(&VisionInput::pixels(px)), None)
+        .unwrap();
     assert!(diff(&merged_logits, &unmerged).0 < 1e-4);
     // Same file names, config and tokenizer copied.
     for f in [

@@ -6,8 +6,9 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{diff, fixtures, Expected, MODELS};
 use lvlm_ift::model::generate::{continuation_logprobs, greedy};
-use lvlm_ift::model::llava::{LlavaModel, LoadOptions};
+use lvlm_ift::model::llava::LlavaModel;
 use lvlm_ift::model::VisionLanguageModel;
+use lvlm_ift::model::{LoadOptions, VisionInput};
 
 fn load(model: &str) -> LlavaModel {
     LlavaModel::load(&fixtures().join(model), LoadOptions::default())
@@ -29,7 +30,7 @@ fn logits_match_hf_given_hf_pixel_values() {
             let logits = m
                 .forward(
                     &ids_tensor(&ids),
-                    Some(exp.tensor("pixel_values.photo")),
+                    Some(&VisionInput::pixels(exp.tensor("pixel_values.photo"))),
                     None,
                 )
                 .unwrap();
@@ -58,7 +59,9 @@ fn padded_batch_matches_hf_on_real_tokens() {
             0,
         )
         .unwrap();
-        let logits = m.forward(&ids, Some(&pixels), Some(&mask)).unwrap();
+        let logits = m
+            .forward(&ids, Some(&VisionInput::pixels(&pixels)), Some(&mask))
+            .unwrap();
         let want = exp.tensor("batch.logits");
         let rows = mask.to_vec2::<u32>().unwrap();
         let mut worst = 0f32;
@@ -85,7 +88,7 @@ fn continuation_logprobs_match_hf() {
             &m,
             &prompt,
             &cont,
-            Some(exp.tensor("pixel_values.photo")),
+            Some(&VisionInput::pixels(exp.tensor("pixel_values.photo"))),
             &Device::Cpu,
         )
         .unwrap();
@@ -118,7 +121,7 @@ fn greedy_generation_matches_hf_token_for_token() {
             let got = greedy(
                 &m,
                 &prompt,
-                Some(exp.tensor("pixel_values.photo")),
+                Some(&VisionInput::pixels(exp.tensor("pixel_values.photo"))),
                 max_new,
                 &[eos],
                 &Device::Cpu,
@@ -141,10 +144,16 @@ fn cached_prefill_equals_full_forward() {
     let pixels = exp.tensor("pixel_values.photo");
     let mut cache = m.new_cache();
     let split = ids.len() - 3;
-    m.prefill(&ids_tensor(&ids[..split]), Some(pixels), &mut cache)
-        .unwrap();
+    m.prefill(
+        &ids_tensor(&ids[..split]),
+        Some(&VisionInput::pixels(pixels)),
+        &mut cache,
+    )
+    .unwrap();
     let last = m.step(&ids_tensor(&ids[split..]), &mut cache).unwrap();
-    let full = m.forward(&ids_tensor(&ids), Some(pixels), None).unwrap();
+    let full = m
+        .forward(&ids_tensor(&ids), Some(&VisionInput::pixels(pixels)), None)
+        .unwrap();
     let full_last = full
         .get(0)
         .unwrap()
@@ -174,7 +183,7 @@ fn decoding_step_accepts_an_image_token() {
     let mut cache = m.new_cache();
     m.prefill(
         &ids_tensor(&ids),
-        Some(exp.tensor("pixel_values.photo")),
+        Some(&VisionInput::pixels(exp.tensor("pixel_values.photo"))),
         &mut cache,
     )
     .unwrap();

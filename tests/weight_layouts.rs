@@ -8,8 +8,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use common::{diff, fixtures, Expected};
-use lvlm_ift::model::llava::{LlavaModel, LoadOptions};
+use lvlm_ift::model::llava::LlavaModel;
 use lvlm_ift::model::VisionLanguageModel;
+use lvlm_ift::model::{LoadOptions, VisionInput};
 
 /// Copy a model dir's non-weight files and write `tensors` as its single weight file.
 fn copy_with_weights(src: &Path, dst: &Path, tensors: &HashMap<String, Tensor>) {
@@ -36,8 +37,12 @@ fn raw_logits(dir: &Path, dtype: DType) -> Tensor {
     .0;
     let ids = exp.ids("input_ids.raw");
     let input = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).unwrap();
-    m.forward(&input, Some(exp.tensor("pixel_values.photo")), None)
-        .unwrap()
+    m.forward(
+        &input,
+        Some(&VisionInput::pixels(exp.tensor("pixel_values.photo"))),
+        None,
+    )
+    .unwrap()
 }
 
 fn hub_tensors() -> HashMap<String, Tensor> {

@@ -8,15 +8,17 @@ use candle_core::{DType, Device};
 use super::{Adapter, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 use crate::error::{Error, Result};
 use crate::model::checkpoint::weight_files;
+use crate::model::family::family_of;
 use crate::model::lora::TargetModules;
-use crate::model::weights::{llava_canonical_name, WeightStore};
+use crate::model::weights::WeightStore;
 
 /// The modules of a base checkpoint an adapter can target, with their weight shapes
 /// `[out, in]`: every 2-D `*.weight` by canonical module name, embeddings excluded (only linear
 /// layers take LoRA here). Reads only the safetensors headers.
 pub fn base_linear_modules(base: &Path) -> Result<BTreeMap<String, Vec<usize>>> {
     let files = weight_files(base)?;
-    let store = WeightStore::open(base, &files, &Device::Cpu, DType::F32, llava_canonical_name)?;
+    let key_map = family_of(base)?.key_map();
+    let store = WeightStore::open(base, &files, &Device::Cpu, DType::F32, key_map)?;
     let mut out = BTreeMap::new();
     for name in store.names() {
         let Some(module) = name.strip_suffix(".weight") else {

@@ -9,8 +9,8 @@ use serde::Serialize;
 use super::with_temp_dir;
 use crate::error::{Error, Result};
 use crate::model::checkpoint::weight_files;
+use crate::model::family::family_of;
 use crate::model::lora::LoraSpec;
-use crate::model::weights::llava_canonical_name;
 use crate::train::checkpoint::{load_safetensors, save_safetensors};
 
 /// Why `out` cannot receive a merged checkpoint, if it cannot: merge writes a new directory and
@@ -57,6 +57,7 @@ pub fn merge_into_copy(
         });
     }
     let files = weight_files(base)?;
+    let key_map = family_of(base)?.key_map();
     let scale = spec.map(|s| s.scale()).unwrap_or(0.0);
     let mut report = MergeReport::default();
     let mut seen_modules = BTreeMap::new();
@@ -75,7 +76,7 @@ pub fn merge_into_copy(
             let tensors = load_safetensors(file, &Device::Cpu)?;
             let mut out_tensors = HashMap::new();
             for (key, t) in tensors {
-                let canonical = llava_canonical_name(&key);
+                let canonical = key_map(&key);
                 let module = canonical.as_deref().and_then(|c| c.strip_suffix(".weight"));
                 let dtype = t.dtype();
                 // A fully trained weight replaces the base one; an adapter on the same module

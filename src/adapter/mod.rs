@@ -3,7 +3,7 @@
 //!
 //! Tensor names are `base_model.model.` + HF module path + `.lora_A.weight` / `.lora_B.weight`.
 //! We write the module paths of transformers >= 4.52 (`model.language_model.layers.0...`), which
-//! are our canonical names; on read, any layout our weight loader knows is accepted.
+//! are our canonical names; on read, any key layout of the base model's family is accepted.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::lora::{AdapterEntry, LoraSpec, TargetModules};
-use crate::model::weights::llava_canonical_name;
+use crate::model::weights::KeyMap;
 use crate::train::checkpoint::{load_float_safetensors, save_safetensors, write_atomic};
 
 mod fit;
@@ -171,7 +171,7 @@ pub struct Adapter {
 }
 
 /// Map a PEFT tensor name to (canonical module, "A"|"B").
-fn parse_tensor_name(name: &str) -> Option<(String, char)> {
+fn parse_tensor_name(name: &str, key_map: KeyMap) -> Option<(String, char)> {
     let rest = name.strip_prefix("base_model.model.")?;
     let (module, which) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
         (m, 'A')
@@ -184,16 +184,24 @@ fn parse_tensor_name(name: &str) -> Option<(String, char)> {
     } else {
         return None;
     };
-    let canonical = llava_canonical_name(&format!("{module}.weight"))?;
+    let canonical = key_map(&format!("{module}.weight"))?;
     Some((canonical.strip_suffix(".weight")?.to_string(), which))
 }
 
-/// Read a PEFT LoRA adapter directory.
-pub fn read_adapter(dir: &Path, device: &Device) -> Result<Adapter> {
+/// `adapter_config.json` of an adapter directory and the LoRA spec it describes (no weights
+/// read).
+pub fn read_adapter_config(dir: &Path) -> Result<(AdapterConfig, LoraSpec)> {
     let cfg_path = dir.join(ADAPTER_CONFIG);
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
     let cfg: AdapterConfig = serde_json::from_str(&text).map_err(|e| Error::json(&cfg_path, e))?;
     let spec = cfg.to_spec(&cfg_path)?;
+    Ok((cfg, spec))
+}
+
+/// Read a PEFT LoRA adapter directory; module paths are mapped to canonical names by the base
+/// model family's `key_map` (`model::family::ModelFamily::key_map`).
+pub fn read_adapter(dir: &Path, device: &Device, key_map: KeyMap) -> Result<Adapter> {
+    let (cfg, spec) = read_adapter_config(dir)?;
     let weights_path = dir.join(ADAPTER_WEIGHTS);
     if !weights_path.is_file() && dir.join("adapter_model.bin").is_file() {
         return Err(Error::Weights(format!(
@@ -205,7 +213,7 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<Adapter> {
     let mut a = HashMap::new();
     let mut b = HashMap::new();
     for (name, t) in tensors {
-        let (module, which) = parse_tensor_name(&name).ok_or_else(|| {
+        let (module, which) = parse_tensor_name(&name, key_map).ok_or_else(|| {
             Error::Weights(format!(
                 "{}: tensor `{name}` is not a LoRA A/B weight of a known module",
                 weights_path.display()
@@ -346,9 +354,13 @@ mod tests {
                 "model.vision_tower.vision_model.encoder.layers.0.self_attn.v_proj",
             ),
         ] {
-            assert_eq!(parse_tensor_name(name).map(|p| p.0).as_deref(), Some(module), "{name}");
+            assert_eq!(parse_tensor_name(name, crate::model::llava::canonical_name).map(|p| p.0).as_deref(), Some(module), "{name}");
         }
-        assert!(parse_tensor_name("base_model.model.lm_head.weight").is_none());
+        assert!(parse_tensor_name(
+            "base_model.model.lm_head.weight",
+            crate::model::llava::canonical_name
+        )
+        .is_none());
     }
 
     #[test]

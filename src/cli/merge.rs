@@ -9,6 +9,7 @@ use clap::Args;
 
 use crate::adapter::{check_adapter_fits, merge_into_copy, merge_output_problem, read_adapter};
 use crate::model::checkpoint::resolve_model;
+use crate::model::family::family_of;
 use crate::train::checkpoint::load_float_safetensors;
 
 #[derive(Debug, Args)]
@@ -39,7 +40,8 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
     let base = resolve_model(&args.model)?;
     let (spec, lora) = match &args.adapter {
         Some(dir) => {
-            let a = read_adapter(dir, &Device::Cpu)
+            let key_map = family_of(&base)?.key_map();
+            let a = read_adapter(dir, &Device::Cpu, key_map)
                 .with_context(|| format!("reading adapter {}", dir.display()))?;
             check_adapter_fits(&a, &base)?;
             (Some(a.spec), a.weights)

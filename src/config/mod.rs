@@ -17,9 +17,9 @@ mod tests;
 mod validate;
 
 pub use sections::{
-    DataSection, DataSource, FullSection, InstructionMode, ModelSection, ModuleGroup,
-    NonFinitePolicy, OptimSection, ProxyInit, ProxySection, ScheduleSection, StageConfig,
-    TrainSection, Trainable, WeightDType,
+    DataSection, DataSource, FullSection, InstructionMode, ModelSection, NonFinitePolicy,
+    OptimSection, ProxyInit, ProxySection, ScheduleSection, StageConfig, TrainSection, Trainable,
+    WeightDType,
 };
 pub use validate::MAX_REPEAT;
 
@@ -146,15 +146,6 @@ impl TrainConfig {
                 max_steps: s.max_steps,
                 output_dir: self.train.output_dir.join(&s.name),
             })
-            .collect()
-    }
-
-    /// Canonical-name prefixes of the fully trained weights.
-    pub fn full_prefixes(&self) -> Vec<String> {
-        self.full
-            .groups
-            .iter()
-            .map(|g| g.prefix().to_string())
             .collect()
     }
 }

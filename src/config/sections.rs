@@ -86,39 +86,6 @@ pub enum Trainable {
     Full,
 }
 
-/// Module groups `full.groups` may name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ModuleGroup {
-    VisionTower,
-    MultiModalProjector,
-    LanguageModel,
-    EmbedTokens,
-    LmHead,
-}
-
-impl ModuleGroup {
-    /// The canonical weight-name prefix of the group's weights.
-    pub fn prefix(self) -> &'static str {
-        match self {
-            ModuleGroup::VisionTower => "model.vision_tower.",
-            ModuleGroup::MultiModalProjector => "model.multi_modal_projector.",
-            ModuleGroup::LanguageModel => "model.language_model.",
-            ModuleGroup::EmbedTokens => "model.language_model.embed_tokens.",
-            ModuleGroup::LmHead => "lm_head.",
-        }
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ModuleGroup::VisionTower => "vision_tower",
-            ModuleGroup::MultiModalProjector => "multi_modal_projector",
-            ModuleGroup::LanguageModel => "language_model",
-            ModuleGroup::EmbedTokens => "embed_tokens",
-            ModuleGroup::LmHead => "lm_head",
-        }
-    }
-}
-
 /// What a step with a non-finite loss or gradient norm does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -227,8 +194,11 @@ pub struct DataSource {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FullSection {
+    /// Names of groups the model's family defines (`model::family`), e.g. LLaVA's
+    /// `multi_modal_projector`; checked against the family when the plan loads the model's
+    /// `config.json`, where an unknown name is an error listing the family's groups.
     #[serde(default)]
-    pub groups: Vec<ModuleGroup>,
+    pub groups: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -81,6 +81,7 @@ impl TrainConfig {
             ));
         }
         self.validate_data(&c)?;
+        self.validate_full(&c)?;
         self.validate_proxy(&c)?;
         self.validate_lora(&c)?;
         self.validate_optim(&c)?;
@@ -128,6 +129,21 @@ impl TrainConfig {
                 "data.instruction",
                 "empty, but instruction_mode \"fixed\" uses it (use \"none\" for no user text)",
             ));
+        }
+        Ok(())
+    }
+
+    /// Group names are the family's to define (checked when the plan reads `config.json`); here
+    /// only that each is named once.
+    fn validate_full(&self, c: &Checker) -> Result<()> {
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, g) in self.full.groups.iter().enumerate() {
+            if !seen.insert(g.as_str()) {
+                return Err(c.bad(
+                    format!("full.groups[{i}]"),
+                    format!("`{g}` is listed twice"),
+                ));
+            }
         }
         Ok(())
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::data::collate::{pad_batch, Instruction, SampleEncoder, TextBatch};
 use crate::data::image::load_rgb;
 use crate::data::pairs::Pair;
-use crate::data::processor::ClipImageProcessor;
+use crate::data::processor::{ImageProcessor, ProcessedImage};
 use crate::data::prompt::{ChatTemplate, TextProcessor};
 use crate::data::shuffle::{shuffle_description, Separator};
 use crate::error::{Error, Result};
@@ -17,7 +17,7 @@ pub struct BatchMaker {
     pub pairs: Arc<Vec<Pair>>,
     pub template: ChatTemplate,
     pub text: TextProcessor,
-    pub processor: ClipImageProcessor,
+    pub processor: ImageProcessor,
     pub instruction: Instruction,
     pub max_len: Option<usize>,
     /// The model's `max_position_embeddings`: a longer sample is an error naming it (set
@@ -31,10 +31,8 @@ pub struct BatchMaker {
 #[derive(Debug, Clone)]
 pub struct HostBatch {
     pub text: TextBatch,
-    /// `[n, 3, height, width]` flattened.
-    pub pixels: Vec<f32>,
-    pub height: usize,
-    pub width: usize,
+    /// One processed picture per sample, in batch order.
+    pub images: Vec<ProcessedImage>,
     /// Samples whose description was cut to fit `max_len`: (source, tokens dropped).
     pub truncated: Vec<(String, usize)>,
     /// Where each sample of the batch comes from (`manifest:line`), in batch order.
@@ -65,9 +63,8 @@ impl BatchMaker {
     /// Build the micro-batch of pair `indices` for `epoch`.
     pub fn make(&self, epoch: usize, indices: &[usize]) -> Result<HostBatch> {
         let enc = self.encoder();
-        let (height, width) = self.processor.output_size();
         let mut texts = Vec::with_capacity(indices.len());
-        let mut pixels = Vec::with_capacity(indices.len() * 3 * height * width);
+        let mut images = Vec::with_capacity(indices.len());
         let mut truncated = Vec::new();
         let mut sources = Vec::with_capacity(indices.len());
         for &i in indices {
@@ -90,7 +87,7 @@ impl BatchMaker {
             }
             texts.push(e);
             let img = load_rgb(&pair.image)?;
-            pixels.extend(self.processor.preprocess(&img)?.data);
+            images.push(self.processor.preprocess(&img)?);
         }
         let pad = self
             .text
@@ -99,9 +96,7 @@ impl BatchMaker {
             .unwrap_or(0);
         Ok(HostBatch {
             text: pad_batch(&texts, pad),
-            pixels,
-            height,
-            width,
+            images,
             truncated,
             sources,
         })

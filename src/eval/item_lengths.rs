@@ -5,7 +5,6 @@ use std::path::Path;
 use super::mcq::{letter, question_prompt, McqItem};
 use super::run::{likelihood_continuation, Scoring, MAX_NEW_TOKENS};
 use crate::error::{Error, Result};
-use crate::model::VisionLanguageModel;
 use crate::session::{Prompt, Session};
 
 /// Check, before any model call, that every item fits in the model's `max_position_embeddings`:

@@ -34,7 +34,7 @@ use super::provenance::check_resume;
 pub use super::provenance::{fingerprint, RunInfo, RUN_INFO};
 use super::report::{metric_description, summarize, Report};
 use crate::error::{Error, Result};
-use crate::model::VisionLanguageModel;
+use crate::model::{VisionInput, VisionLanguageModel};
 use crate::session::{Prompt, Session};
 use crate::train::checkpoint::write_atomic;
 
@@ -115,7 +115,7 @@ fn token_logprob(logits: &Tensor, token: u32) -> Result<f64> {
 pub fn option_loglikelihoods(
     model: &dyn VisionLanguageModel,
     prompt: &[u32],
-    pixel_values: Option<&Tensor>,
+    vision: Option<&VisionInput>,
     continuations: &[Vec<u32>],
     device: &Device,
 ) -> Result<Vec<f64>> {
@@ -134,7 +134,7 @@ pub fn option_loglikelihoods(
     }
     let mut cache = model.new_cache();
     let ids = Tensor::from_slice(prompt, (1, prompt.len()), device)?;
-    let mut logits = model.prefill(&ids, pixel_values, &mut cache)?;
+    let mut logits = model.prefill(&ids, vision, &mut cache)?;
     let mut shared = 0.0f64;
     for &t in &first[..shared_len] {
         shared += token_logprob(&logits, t)?;
@@ -215,7 +215,7 @@ pub fn predict(
             pred.raw = Some(text);
         }
         Scoring::Likelihood | Scoring::LikelihoodText => {
-            let pixels = session.pixel_values(&image)?;
+            let vision = session.vision_input(&image)?;
             let prompt_ids = session.prompt_ids(&prompt)?;
             let texts: Vec<String> = match scoring {
                 Scoring::Likelihood => (0..n).map(|i| likelihood_continuation(letter(i))).collect(),
@@ -226,9 +226,9 @@ pub fn predict(
                 .map(|t| session.text.encode_plain(t))
                 .collect::<Result<Vec<_>>>()?;
             let mut scores = option_loglikelihoods(
-                &session.model,
+                session.model.as_ref(),
                 &prompt_ids,
-                Some(&pixels),
+                Some(&vision),
                 &conts,
                 &session.device,
             )?;

@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{Error, Result};
-use crate::model::VisionLanguageModel;
+use crate::model::{VisionInput, VisionLanguageModel};
 
 /// Greedy decoding for one sequence: prefill the prompt, then one cached step per token, stopping
 /// after `max_new_tokens`, at (and including) the first token in `eos`, or when prompt and
@@ -15,7 +15,7 @@ use crate::model::VisionLanguageModel;
 pub fn greedy(
     model: &dyn VisionLanguageModel,
     prompt: &[u32],
-    pixel_values: Option<&Tensor>,
+    vision: Option<&VisionInput>,
     max_new_tokens: usize,
     eos: &[u32],
     device: &Device,
@@ -40,7 +40,7 @@ pub fn greedy(
     }
     let mut cache = model.new_cache();
     let ids = Tensor::from_slice(prompt, (1, prompt.len()), device)?;
-    let mut logits = model.prefill(&ids, pixel_values, &mut cache)?;
+    let mut logits = model.prefill(&ids, vision, &mut cache)?;
     loop {
         let next = argmax(&logits)?;
         out.push(next);
@@ -73,7 +73,7 @@ pub fn continuation_logprobs(
     model: &dyn VisionLanguageModel,
     prompt: &[u32],
     continuation: &[u32],
-    pixel_values: Option<&Tensor>,
+    vision: Option<&VisionInput>,
     device: &Device,
 ) -> Result<Vec<f32>> {
     if prompt.is_empty() || continuation.is_empty() {
@@ -83,7 +83,7 @@ pub fn continuation_logprobs(
     }
     let ids: Vec<u32> = prompt.iter().chain(continuation).copied().collect();
     let input = Tensor::from_slice(&ids, (1, ids.len()), device)?;
-    let logits = model.forward(&input, pixel_values, None)?.squeeze(0)?;
+    let logits = model.forward(&input, vision, None)?.squeeze(0)?;
     // Position p predicts token p + 1.
     let pred = logits.narrow(0, prompt.len() - 1, continuation.len())?;
     let logp = candle_nn::ops::log_softmax(&pred, D::Minus1)?;
@@ -96,7 +96,7 @@ mod tests {
     use std::cell::Cell;
 
     use super::*;
-    use crate::model::{Injection, KvCache};
+    use crate::model::{Injection, KvCache, VisionInput};
 
     /// A model that always predicts token 5 and records the longest sequence it was fed.
     struct Always5 {
@@ -113,7 +113,7 @@ mod tests {
     }
 
     impl VisionLanguageModel for Always5 {
-        fn image_features(&self, _: &Tensor) -> Result<Tensor> {
+        fn image_features(&self, _: &VisionInput) -> Result<Tensor> {
             Err(Error::Model("no vision".into()))
         }
         fn num_image_tokens(&self) -> usize {
@@ -125,7 +125,7 @@ mod tests {
         fn forward_injected(
             &self,
             _: &Tensor,
-            _: Option<&Tensor>,
+            _: Option<&VisionInput>,
             _: Option<&Tensor>,
             _: Option<&Injection>,
         ) -> Result<Tensor> {
@@ -138,12 +138,20 @@ mod tests {
             Err(Error::Model("not used".into()))
         }
         fn new_cache(&self) -> KvCache {
-            KvCache::new(0)
+            KvCache::new(0, 0)
         }
         fn max_positions(&self) -> usize {
             self.limit
         }
-        fn prefill(&self, ids: &Tensor, _: Option<&Tensor>, _: &mut KvCache) -> Result<Tensor> {
+        fn vocab_size(&self) -> usize {
+            8
+        }
+        fn prefill(
+            &self,
+            ids: &Tensor,
+            _: Option<&VisionInput>,
+            _: &mut KvCache,
+        ) -> Result<Tensor> {
             self.fed.set(ids.dim(1)?);
             self.logits()
         }

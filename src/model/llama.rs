@@ -4,38 +4,10 @@
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::Result;
+use crate::model::cache::{KvCache, LayerCache};
 use crate::model::config::{RopeKind, TextConfig};
 use crate::model::layers::{attention, repeat_kv, Embedding, Linear, RmsNorm, Rope};
 use crate::model::weights::Weights;
-
-/// Keys and values of one layer for the positions seen so far: `[b, kv_heads, s, d]`.
-#[derive(Debug, Clone, Default)]
-pub struct LayerCache {
-    kv: Option<(Tensor, Tensor)>,
-}
-
-/// The generation cache: one entry per layer plus the number of cached positions.
-#[derive(Debug, Clone)]
-pub struct KvCache {
-    layers: Vec<LayerCache>,
-    len: usize,
-}
-
-impl KvCache {
-    pub fn new(num_layers: usize) -> Self {
-        Self {
-            layers: vec![LayerCache::default(); num_layers],
-            len: 0,
-        }
-    }
-    /// Positions already cached (the offset of the next token).
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
 
 /// Self-attention with RoPE and grouped-query heads.
 #[derive(Debug, Clone)]
@@ -82,11 +54,7 @@ impl Attention {
         let mut k = rope.apply(&split(self.k_proj.forward(x)?, self.kv_heads)?, positions)?;
         let mut v = split(self.v_proj.forward(x)?, self.kv_heads)?;
         if let Some(cache) = cache {
-            if let Some((pk, pv)) = &cache.kv {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
-            }
-            cache.kv = Some((k.clone(), v.clone()));
+            (k, v) = cache.append(k, v)?;
         }
         let n_rep = self.heads / self.kv_heads;
         let k = repeat_kv(&k, n_rep)?.contiguous()?;
@@ -231,11 +199,11 @@ impl LlamaForCausalLm {
         let (_, s, _) = embeds.dims3()?;
         let mut x = embeds.clone();
         for (i, layer) in self.layers.iter().enumerate() {
-            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let layer_cache = cache.as_deref_mut().map(|c| c.self_layer(i));
             x = layer.forward(&x, &self.rope, positions, mask, layer_cache)?;
         }
         if let Some(c) = cache {
-            c.len += s;
+            c.advance(s);
         }
         let x = self.norm.forward(&x)?;
         self.lm_head.forward(&x)?.to_dtype(DType::F32)

@@ -1,11 +1,14 @@
 //! Model stage: architectures in our own differentiable candle code, and weight loading.
 //!
 //! Every model family implements [`VisionLanguageModel`]; training, scoring and generation only
-//! talk to that trait.
+//! talk to that trait. [`family`] is the one place that reads `config.json` and picks the family
+//! ([`open`]).
 
+pub mod cache;
 pub mod checkpoint;
 pub mod clip;
 pub mod config;
+pub mod family;
 pub mod generate;
 #[cfg(test)]
 mod gradcheck;
@@ -14,12 +17,15 @@ pub mod llama;
 pub mod llava;
 pub mod lora;
 pub mod loss;
+pub mod vision_input;
 pub mod weights;
 
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
-pub use llama::KvCache;
+pub use cache::KvCache;
+pub use family::{open, LoadOptions, ModelFamily, ModelLayout, ModuleGroup, OpenedModel};
+pub use vision_input::VisionInput;
 
 /// Rows that replace token embeddings at given positions (e.g. proxy-instruction vectors).
 #[derive(Debug, Clone)]
@@ -32,8 +38,8 @@ pub struct Injection {
 
 /// What every vision-language model family offers the rest of the crate.
 pub trait VisionLanguageModel {
-    /// Projected image features `[n_images, num_image_tokens, hidden]` for `pixel_values: [n, 3, H, W]`.
-    fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor>;
+    /// Projected image features `[n_images, num_image_tokens, hidden]`.
+    fn image_features(&self, vision: &VisionInput) -> Result<Tensor>;
     /// How many placeholder tokens one image occupies in the prompt.
     fn num_image_tokens(&self) -> usize;
     fn image_token_id(&self) -> u32;
@@ -42,16 +48,16 @@ pub trait VisionLanguageModel {
     fn forward(
         &self,
         input_ids: &Tensor,
-        pixel_values: Option<&Tensor>,
+        vision: Option<&VisionInput>,
         attention_mask: Option<&Tensor>,
     ) -> Result<Tensor> {
-        self.forward_injected(input_ids, pixel_values, attention_mask, None)
+        self.forward_injected(input_ids, vision, attention_mask, None)
     }
     /// [`VisionLanguageModel::forward`] with some token embeddings replaced by `inject`'s rows.
     fn forward_injected(
         &self,
         input_ids: &Tensor,
-        pixel_values: Option<&Tensor>,
+        vision: Option<&VisionInput>,
         attention_mask: Option<&Tensor>,
         inject: Option<&Injection>,
     ) -> Result<Tensor>;
@@ -64,11 +70,13 @@ pub trait VisionLanguageModel {
     /// The longest sequence (prompt + generated tokens) the text model was built for
     /// (`max_position_embeddings`); generation never runs past it.
     fn max_positions(&self) -> usize;
+    /// Rows of the output head (`vocab_size` of the text config).
+    fn vocab_size(&self) -> usize;
     /// Run the prompt through the cache; returns the last position's logits `[b, vocab]`.
     fn prefill(
         &self,
         input_ids: &Tensor,
-        pixel_values: Option<&Tensor>,
+        vision: Option<&VisionInput>,
         cache: &mut KvCache,
     ) -> Result<Tensor>;
     /// Append `tokens: [b, s]` (text only) to the cache; returns the last position's logits.

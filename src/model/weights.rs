@@ -1,9 +1,9 @@
 //! Weight loading: every key layout seen in the wild mapped onto one canonical naming, shape
 //! checks with useful errors, and optional wrapping of weights as trainable `Var`s.
 //!
-//! Canonical names are the in-memory module names of transformers >= 4.52
-//! (`model.language_model.layers.0.self_attn.q_proj.weight`, `model.vision_tower.vision_model...`,
-//! `model.multi_modal_projector...`, `lm_head.weight`), because those are what PEFT adapters name.
+//! Canonical names are the in-memory module names of transformers >= 4.52 (what PEFT adapters
+//! name); each family's [`KeyMap`] maps its checkpoints' key layouts onto them
+//! (`model::family::ModelFamily::key_map`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -21,31 +21,6 @@ pub type KeyMap = fn(&str) -> Option<String>;
 /// Keys used as stored (tests, programmatic checkpoints).
 pub fn identity_keys(key: &str) -> Option<String> {
     Some(key.to_string())
-}
-
-/// LLaVA: map a checkpoint key of any supported layout to its canonical name; `None` for keys no
-/// layout knows (reported as unexpected).
-pub fn llava_canonical_name(key: &str) -> Option<String> {
-    // transformers 4.x hub layout and 5.x saved layout share the language-model prefix.
-    if let Some(rest) = key.strip_prefix("language_model.model.") {
-        return Some(format!("model.language_model.{rest}"));
-    }
-    if let Some(rest) = key.strip_prefix("language_model.lm_head.") {
-        return Some(format!("lm_head.{rest}"));
-    }
-    if key.starts_with("lm_head.") {
-        return Some(key.to_string());
-    }
-    let rest = key.strip_prefix("model.").unwrap_or(key);
-    if rest.starts_with("language_model.") || rest.starts_with("multi_modal_projector.") {
-        return Some(format!("model.{rest}"));
-    }
-    if let Some(v) = rest.strip_prefix("vision_tower.") {
-        // 5.x drops the `vision_model.` segment.
-        let v = v.strip_prefix("vision_model.").unwrap_or(v);
-        return Some(format!("model.vision_tower.vision_model.{v}"));
-    }
-    None
 }
 
 /// Decides which canonical names become trainable `Var`s.
@@ -428,39 +403,6 @@ impl<'a> Weights<'a> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn every_layout_maps_to_the_same_canonical_names() {
-        let canon = "model.language_model.layers.0.self_attn.q_proj.weight";
-        for k in [
-            "language_model.model.layers.0.self_attn.q_proj.weight",
-            "model.language_model.layers.0.self_attn.q_proj.weight",
-        ] {
-            assert_eq!(llava_canonical_name(k).as_deref(), Some(canon));
-        }
-        let canon = "model.vision_tower.vision_model.encoder.layers.1.mlp.fc1.weight";
-        for k in [
-            "vision_tower.vision_model.encoder.layers.1.mlp.fc1.weight",
-            "vision_tower.encoder.layers.1.mlp.fc1.weight",
-            "model.vision_tower.vision_model.encoder.layers.1.mlp.fc1.weight",
-            "model.vision_tower.encoder.layers.1.mlp.fc1.weight",
-        ] {
-            assert_eq!(llava_canonical_name(k).as_deref(), Some(canon), "{k}");
-        }
-        for k in ["language_model.lm_head.weight", "lm_head.weight"] {
-            assert_eq!(llava_canonical_name(k).as_deref(), Some("lm_head.weight"));
-        }
-        for k in [
-            "multi_modal_projector.linear_1.bias",
-            "model.multi_modal_projector.linear_1.bias",
-        ] {
-            assert_eq!(
-                llava_canonical_name(k).as_deref(),
-                Some("model.multi_modal_projector.linear_1.bias")
-            );
-        }
-        assert_eq!(llava_canonical_name("text_model.embeddings.weight"), None);
-    }
-
     fn write_st(dir: &Path, tensors: &[(&str, Tensor)]) -> PathBuf {
         let p = dir.join("model.safetensors");
         let map: std::collections::HashMap<String, Tensor> = tensors
@@ -488,8 +430,14 @@ mod tests {
                 ),
             ],
         );
-        let store =
-            WeightStore::open(dir.path(), &[f], &dev, DType::F32, llava_canonical_name).unwrap();
+        let store = WeightStore::open(
+            dir.path(),
+            &[f],
+            &dev,
+            DType::F32,
+            crate::model::llava::canonical_name,
+        )
+        .unwrap();
         let e = store
             .get("model.language_model.norm.weight", &[5])
             .unwrap_err()

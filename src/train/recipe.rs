@@ -13,7 +13,7 @@ use crate::train::checkpoint::{resolve_resume, write_atomic, CheckpointManager};
 use crate::train::lock::OutputLock;
 use crate::train::metrics::{plot_loss, MetricsLog};
 use crate::train::plan::TrainPlan;
-use crate::train::trainer::TrainOutcome;
+use crate::train::trainer::{TrainOutcome, Trainer};
 
 const COMPLETE: &str = "COMPLETE";
 
@@ -35,7 +35,7 @@ struct StageSummary<'a> {
     final_loss: Option<f64>,
 }
 
-/// Print every stage's plan (loading each, nothing trained).
+/// Print every stage's plan (from each model's `config.json`; no weight is read, nothing trained).
 pub fn describe_recipe(cfg: &TrainConfig) -> Result<String> {
     let mut out = String::new();
     let stages = cfg.stage_specs();
@@ -121,7 +121,7 @@ pub fn run_recipe(cfg: &TrainConfig, resume: Resume, quiet: bool) -> Result<Vec<
         if !quiet {
             eprint!("== stage {}/{}\n{}", i + 1, stages.len(), plan.describe()?);
         }
-        let outcome = plan.run(from.as_deref(), quiet)?;
+        let outcome = Trainer::new(plan)?.run(from.as_deref(), quiet)?;
         let halted = !outcome.complete;
         if !halted {
             let summary = StageSummary {

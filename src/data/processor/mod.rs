@@ -9,11 +9,13 @@
 //! Pipeline, in HF's order: (LLaVA `pad`: expand to a square) → resize → center crop → rescale →
 //! normalize → CHW `f32`.
 //!
-//! Layout: this file holds the processor itself (padding, resize, crop, rescale, normalise);
-//! `config` reads and validates `preprocessor_config.json`; `filters` and `resample` port
+//! Layout: `dispatch` holds [`ImageProcessor`], the one type the rest of the crate uses (each
+//! model family picks its processor); this file holds the CLIP processor itself (padding,
+//! resize, crop, rescale, normalise); `config` reads and validates `preprocessor_config.json`; `filters` and `resample` port
 //! Pillow's filters and its fixed-point resize.
 
 mod config;
+mod dispatch;
 mod filters;
 mod resample;
 
@@ -25,6 +27,7 @@ use crate::error::{Error, Result};
 use resample::pil_resize;
 
 pub use config::{ClipProcessorConfig, ResizeTarget, SizeDict, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD};
+pub use dispatch::{ImageProcessor, ProcessedImage};
 pub use filters::Resample;
 
 /// How a non-square image reaches the processor (recipe `model.image_aspect`, CLI

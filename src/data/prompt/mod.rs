@@ -28,3 +28,21 @@ pub use tokenize::TextProcessor;
 
 /// Default image placeholder of `LlavaProcessor`.
 pub const DEFAULT_IMAGE_TOKEN: &str = "<image>";
+
+/// What a model family assumes when its model directory does not say: the image placeholder
+/// string, and the chat template used when the directory has none. Each family in
+/// `model::family` names its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PromptDefaults {
+    pub image_token: &'static str,
+    /// Jinja source; receives string content (`"{image_token}\n" + text` for an image turn).
+    pub fallback_template: &'static str,
+}
+
+impl PromptDefaults {
+    /// LLaVA-1.5: `<image>` and the `USER: <image>\n{prompt} ASSISTANT:` prompt.
+    pub const LLAVA: PromptDefaults = PromptDefaults {
+        image_token: DEFAULT_IMAGE_TOKEN,
+        fallback_template: template::LLAVA_FALLBACK_TEMPLATE,
+    };
+}

@@ -13,7 +13,7 @@ use serde_json::Value as Json;
 use super::environment::{neutralize_generation_tags, new_environment, raised_message};
 use super::files::{read_json_opt, read_text_opt};
 use super::special::SpecialTokens;
-use super::DEFAULT_IMAGE_TOKEN;
+use super::PromptDefaults;
 use crate::error::{Error, Result};
 
 /// The LLaVA-1.5 prompt used when a model directory ships no chat template:
@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 /// tokenizer's EOS string, `</s>` when unknown), and the generation prompt is `ASSISTANT:`.
 /// So a two-turn chat renders as `USER: <image>\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT:`.
 /// Content reaches this template as strings (like a tokenizer template).
-const FALLBACK_TEMPLATE: &str = "{% for message in messages %}\
+pub(super) const LLAVA_FALLBACK_TEMPLATE: &str = "{% for message in messages %}\
 {% if message['role'] == 'system' %}{{ message['content'] + ' ' }}\
 {% elif message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}\
 {% else %}{{ 'ASSISTANT: ' + message['content'] }}{{ eos_token if eos_token else '</s>' }}\
@@ -138,6 +138,8 @@ pub struct ChatTemplate {
     /// Human-readable origin for error messages (a file path or the source kind).
     origin: String,
     text: String,
+    /// Written before the text of an image turn when content reaches the template as strings.
+    image_token: &'static str,
 }
 
 impl fmt::Debug for ChatTemplate {
@@ -160,6 +162,18 @@ impl ChatTemplate {
     /// `additional_chat_templates/` are not used.
     /// Special tokens come from `tokenizer_config.json` / `special_tokens_map.json`.
     pub fn from_model_dir(dir: &Path) -> Result<Self> {
+        Self::from_model_dir_with(dir, &PromptDefaults::LLAVA)
+    }
+
+    /// [`ChatTemplate::from_model_dir`] for a family whose image token and fallback template
+    /// are `defaults`.
+    pub fn from_model_dir_with(dir: &Path, defaults: &PromptDefaults) -> Result<Self> {
+        let mut template = Self::find_in_dir(dir, defaults)?;
+        template.image_token = defaults.image_token;
+        Ok(template)
+    }
+
+    fn find_in_dir(dir: &Path, defaults: &PromptDefaults) -> Result<Self> {
         let special = SpecialTokens::from_model_dir(dir)?;
 
         let json_path = dir.join("chat_template.json");
@@ -205,7 +219,7 @@ impl ChatTemplate {
             }
         }
 
-        let mut fallback = Self::fallback();
+        let mut fallback = Self::fallback_of(defaults);
         fallback.special = special;
         Ok(fallback)
     }
@@ -220,16 +234,24 @@ impl ChatTemplate {
         Self::build(template, source, special, origin)
     }
 
-    /// The LLaVA-1.5 prompt `USER: <image>\n{prompt} ASSISTANT:` (see [`FALLBACK_TEMPLATE`]'s
+    /// The LLaVA-1.5 prompt `USER: <image>\n{prompt} ASSISTANT:` (see [`LLAVA_FALLBACK_TEMPLATE`]'s
     /// documentation for multi-turn conversations), with no special tokens known.
     pub fn fallback() -> Self {
+        Self::fallback_of(&PromptDefaults::LLAVA)
+    }
+
+    /// A family's fallback template, with no special tokens known.
+    pub fn fallback_of(defaults: &PromptDefaults) -> Self {
         match Self::build(
-            FALLBACK_TEMPLATE.to_string(),
+            defaults.fallback_template.to_string(),
             TemplateSource::Fallback,
             SpecialTokens::default(),
             TemplateSource::Fallback.to_string(),
         ) {
-            Ok(t) => t,
+            Ok(t) => Self {
+                image_token: defaults.image_token,
+                ..t
+            },
             // The constant template is covered by tests; this arm cannot be reached.
             Err(e) => unreachable!("built-in fallback template does not compile: {e}"),
         }
@@ -261,6 +283,7 @@ impl ChatTemplate {
             special,
             origin,
             text: template,
+            image_token: PromptDefaults::LLAVA.image_token,
         })
     }
 
@@ -287,7 +310,7 @@ impl ChatTemplate {
         let structured = self.source.structured_content();
         let messages: Vec<Value> = turns
             .iter()
-            .map(|turn| message_value(turn, structured))
+            .map(|turn| message_value(turn, structured, self.image_token))
             .collect();
 
         let mut ctx: Vec<(&str, Value)> = vec![
@@ -366,7 +389,7 @@ fn template_text(value: &Json, path: &Path) -> Result<String> {
 }
 
 /// Shape one turn the way `transformers` hands it to the template.
-fn message_value(turn: &Turn, structured: bool) -> Value {
+fn message_value(turn: &Turn, structured: bool, image_token: &str) -> Value {
     let content = if structured {
         let mut items = Vec::with_capacity(2);
         if turn.image {
@@ -378,7 +401,7 @@ fn message_value(turn: &Turn, structured: bool) -> Value {
         ]));
         Value::from(items)
     } else if turn.image {
-        Value::from(format!("{DEFAULT_IMAGE_TOKEN}\n{}", turn.text))
+        Value::from(format!("{image_token}\n{}", turn.text))
     } else {
         Value::from(turn.text.as_str())
     };

@@ -11,7 +11,7 @@ use tokenizers::Tokenizer;
 
 use super::files::read_json_opt;
 use super::special::{token_string, SpecialTokens};
-use super::DEFAULT_IMAGE_TOKEN;
+use super::PromptDefaults;
 use crate::error::{Error, Result};
 
 /// `tokenizer.json` plus the image-token expansion rule of `LlavaProcessor`.
@@ -67,6 +67,22 @@ impl TextProcessor {
         image_token_id: u32,
         num_image_tokens: usize,
     ) -> Result<Self> {
+        Self::from_model_dir_with(
+            dir,
+            image_token_id,
+            num_image_tokens,
+            &PromptDefaults::LLAVA,
+        )
+    }
+
+    /// [`TextProcessor::from_model_dir`] for a family whose default image token (used when
+    /// the directory names none) is `defaults.image_token`.
+    pub fn from_model_dir_with(
+        dir: &Path,
+        image_token_id: u32,
+        num_image_tokens: usize,
+        defaults: &PromptDefaults,
+    ) -> Result<Self> {
         let tokenizer_path = dir.join("tokenizer.json");
         let tok_err = |reason: String| Error::Tokenizer {
             path: tokenizer_path.clone(),
@@ -103,7 +119,13 @@ impl TextProcessor {
             .and_then(Json::as_bool)
             .unwrap_or(false);
 
-        let (image_token, origin) = resolve_image_token(dir, &tokenizer, &tok_cfg, image_token_id)?;
+        let (image_token, origin) = resolve_image_token(
+            dir,
+            &tokenizer,
+            &tok_cfg,
+            image_token_id,
+            defaults.image_token,
+        )?;
         let id = tokenizer.token_to_id(&image_token).ok_or_else(|| {
             tok_err(format!(
                 "image token {image_token:?} (from {origin}) is not in the vocabulary"
@@ -343,6 +365,7 @@ fn resolve_image_token(
     tokenizer: &Tokenizer,
     tok_cfg: &Json,
     image_token_id: u32,
+    default_token: &str,
 ) -> Result<(String, String)> {
     let tok_cfg_path = dir.join("tokenizer_config.json");
     if let Some(v) = tok_cfg
@@ -366,7 +389,7 @@ fn resolve_image_token(
             }
         }
     }
-    if tokenizer.token_to_id(DEFAULT_IMAGE_TOKEN).is_none() {
+    if tokenizer.token_to_id(default_token).is_none() {
         if let Some(added) = tokenizer.get_added_tokens_decoder().get(&image_token_id) {
             return Ok((
                 added.content.clone(),
@@ -374,7 +397,7 @@ fn resolve_image_token(
             ));
         }
     }
-    Ok((DEFAULT_IMAGE_TOKEN.to_string(), "the default".to_string()))
+    Ok((default_token.to_string(), "the default".to_string()))
 }
 
 /// Rebuild a Llama/Gemma tokenizer's post-processor from `add_bos_token`/`add_eos_token`, as

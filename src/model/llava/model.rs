@@ -5,15 +5,17 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
 
+use super::family::{canonical_name, is_unused_weight, register_unrun_vision_layers};
 use crate::error::{Error, Result};
+use crate::model::cache::KvCache;
 use crate::model::checkpoint::weight_files;
 use crate::model::clip::ClipVisionTower;
 use crate::model::config::{LlavaConfig, SelectStrategy};
+use crate::model::family::LoadOptions;
 use crate::model::layers::{scatter_rows, Linear};
-use crate::model::llama::{attention_mask, position_ids, KvCache, LlamaForCausalLm};
-use crate::model::lora::LoraFactory;
-use crate::model::weights::{llava_canonical_name, TrainableFilter, WeightStore, Weights};
-use crate::model::{Injection, VisionLanguageModel};
+use crate::model::llama::{attention_mask, position_ids, LlamaForCausalLm};
+use crate::model::weights::{WeightStore, Weights};
+use crate::model::{Injection, VisionInput, VisionLanguageModel};
 
 /// `linear_2(gelu(linear_1(x)))`, erf GELU as torch's default.
 #[derive(Debug, Clone)]
@@ -48,38 +50,13 @@ pub struct LlavaModel {
     device: Device,
 }
 
-/// What to load and how.
-pub struct LoadOptions {
-    pub device: Device,
-    pub dtype: DType,
-    /// Canonical weight names that become trainable `Var`s (kept in f32).
-    pub trainable: Option<TrainableFilter>,
-    /// LoRA adapters to attach (fresh or loaded) as the model is built.
-    pub lora: Option<LoraFactory>,
-    /// Weights replacing the checkpoint's, by canonical name (e.g. from an earlier stage).
-    pub overrides: std::collections::HashMap<String, Tensor>,
-}
-
-impl Default for LoadOptions {
-    fn default() -> Self {
-        Self {
-            device: Device::Cpu,
-            dtype: DType::F32,
-            trainable: None,
-            lora: None,
-            overrides: Default::default(),
-        }
-    }
-}
-
 impl LlavaModel {
     /// Load config and weights from a model directory. Returns the store too, so callers can
     /// collect trainable variables.
     pub fn load(dir: &Path, opts: LoadOptions) -> Result<(Self, WeightStore)> {
         let cfg = LlavaConfig::from_file(&dir.join("config.json"))?;
         let files = weight_files(dir)?;
-        let mut store =
-            WeightStore::open(dir, &files, &opts.device, opts.dtype, llava_canonical_name)?;
+        let mut store = WeightStore::open(dir, &files, &opts.device, opts.dtype, canonical_name)?;
         if let Some(filter) = opts.trainable {
             store = store.with_trainable(filter);
         }
@@ -116,7 +93,7 @@ impl LlavaModel {
             &cfg.text,
         )?;
         if let Some(lora) = store.lora() {
-            register_unrun_vision_layers(lora, cfg, depth, store.device())?;
+            register_unrun_vision_layers(lora, cfg, store.device())?;
         }
         store.finish(|name| is_unused_weight(cfg, name))?;
         if let Some(lora) = store.lora() {
@@ -151,10 +128,10 @@ impl LlavaModel {
     fn input_embeds(
         &self,
         input_ids: &Tensor,
-        pixel_values: Option<&Tensor>,
+        vision: Option<&VisionInput>,
         inject: Option<&Injection>,
     ) -> Result<Tensor> {
-        let embeds = self.token_and_image_embeds(input_ids, pixel_values)?;
+        let embeds = self.token_and_image_embeds(input_ids, vision)?;
         let Some(inj) = inject else {
             return Ok(embeds);
         };
@@ -193,7 +170,7 @@ impl LlavaModel {
     fn token_and_image_embeds(
         &self,
         input_ids: &Tensor,
-        pixel_values: Option<&Tensor>,
+        vision: Option<&VisionInput>,
     ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
         let ids = input_ids.to_dtype(DType::U32)?;
@@ -208,7 +185,7 @@ impl LlavaModel {
             .collect();
         let embeds = self.text_embeds(&id_rows)?;
         let hidden = embeds.dim(2)?;
-        let Some(pixels) = pixel_values else {
+        let Some(vision) = vision else {
             if !positions.is_empty() {
                 return Err(Error::Model(format!(
                     "the prompt holds {} image token(s) but no image was given",
@@ -217,7 +194,7 @@ impl LlavaModel {
             }
             return Ok(embeds);
         };
-        let features = self.image_features(pixels)?; // [n, t, h]
+        let features = self.image_features(vision)?; // [n, t, h]
         let (n, t, _) = features.dims3()?;
         if positions.len() != n * t {
             return Err(Error::Model(format!(
@@ -258,7 +235,8 @@ impl LlavaModel {
 }
 
 impl VisionLanguageModel for LlavaModel {
-    fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+    fn image_features(&self, vision: &VisionInput) -> Result<Tensor> {
+        let VisionInput::Pixels(pixel_values) = vision;
         let states = self
             .vision_tower
             .hidden_states(pixel_values, &self.feature_layers)?;
@@ -297,12 +275,12 @@ impl VisionLanguageModel for LlavaModel {
     fn forward_injected(
         &self,
         input_ids: &Tensor,
-        pixel_values: Option<&Tensor>,
+        vision: Option<&VisionInput>,
         attention_mask: Option<&Tensor>,
         inject: Option<&Injection>,
     ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
-        let embeds = self.input_embeds(input_ids, pixel_values, inject)?;
+        let embeds = self.input_embeds(input_ids, vision, inject)?;
         let valid = self.valid_rows(attention_mask, b, s)?;
         let positions = position_ids(&valid, 0, &self.device)?;
         let mask = attention_mask_if_needed(&valid, &self.device)?;
@@ -312,20 +290,24 @@ impl VisionLanguageModel for LlavaModel {
     }
 
     fn new_cache(&self) -> KvCache {
-        KvCache::new(self.cfg.text.num_hidden_layers)
+        KvCache::new(self.cfg.text.num_hidden_layers, 0)
     }
 
     fn max_positions(&self) -> usize {
         self.cfg.text.max_position_embeddings
     }
 
+    fn vocab_size(&self) -> usize {
+        self.cfg.text.vocab_size
+    }
+
     fn prefill(
         &self,
         input_ids: &Tensor,
-        pixel_values: Option<&Tensor>,
+        vision: Option<&VisionInput>,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
-        let embeds = self.input_embeds(input_ids, pixel_values, None)?;
+        let embeds = self.input_embeds(input_ids, vision, None)?;
         self.extend(&embeds, cache)
     }
 
@@ -354,47 +336,6 @@ impl LlavaModel {
                 .forward_embeds(embeds, &positions, mask.as_ref(), Some(cache))?;
         Ok(logits.narrow(1, s - 1, 1)?.squeeze(1)?)
     }
-}
-
-/// Weights HF keeps but LLaVA never runs: the pooled-output norm, vision layers past the deepest
-/// feature layer, buffers, and the head when it is tied to the embeddings.
-pub fn is_unused_weight(cfg: &LlavaConfig, name: &str) -> bool {
-    let depth = cfg.feature_layer_indices().into_iter().max().unwrap_or(0);
-    let unused_layer = name
-        .strip_prefix("model.vision_tower.vision_model.encoder.layers.")
-        .and_then(|r| r.split('.').next())
-        .and_then(|i| i.parse::<usize>().ok())
-        .is_some_and(|i| i >= depth);
-    name.starts_with("model.vision_tower.vision_model.post_layernorm.")
-        || name.ends_with(".position_ids")
-        || name.ends_with("rotary_emb.inv_freq")
-        || unused_layer
-        || (cfg.text.tie_word_embeddings && name == "lm_head.weight")
-}
-
-/// Adapters for the linear layers of the vision layers from `depth` on, which LLaVA keeps but
-/// never runs (see [`LoraFactory::register_unrun`]).
-fn register_unrun_vision_layers(
-    lora: &LoraFactory,
-    cfg: &LlavaConfig,
-    depth: usize,
-    device: &Device,
-) -> Result<()> {
-    let (h, inter) = (cfg.vision.hidden_size, cfg.vision.intermediate_size);
-    for i in depth..cfg.vision.num_hidden_layers {
-        let layer = format!("model.vision_tower.vision_model.encoder.layers.{i}");
-        for (module, in_dim, out_dim) in [
-            ("self_attn.q_proj", h, h),
-            ("self_attn.k_proj", h, h),
-            ("self_attn.v_proj", h, h),
-            ("self_attn.out_proj", h, h),
-            ("mlp.fc1", h, inter),
-            ("mlp.fc2", inter, h),
-        ] {
-            lora.register_unrun(&format!("{layer}.{module}"), in_dim, out_dim, device)?;
-        }
-    }
-    Ok(())
 }
 
 /// The causal mask is always needed for s > 1; padding is folded into the same tensor.

@@ -1,0 +1,238 @@
+//! Turning a [`TrainPlan`] into a [`Trainer`]: the heavy part. Loads the weights with the
+//! stage's trainable set (full groups as `Var`s, LoRA adapters fresh or from the previous stage,
+//! the previous stage's fully trained weights in place of the base ones), the proxy vectors, and
+//! the optimizer over exactly the parameters the plan announced.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{Device, Var};
+
+use super::{Trainer, TrainerState};
+use crate::adapter::read_adapter;
+use crate::config::{InstructionMode, ProxyInit};
+use crate::error::{Error, Result};
+use crate::method::proxy::ProxyInstruction;
+use crate::model::lora::LoraFactory;
+use crate::model::{LoadOptions, VisionLanguageModel};
+use crate::train::checkpoint::load_float_safetensors;
+use crate::train::optim::{AdamW, AdamWConfig, ParamGroup};
+use crate::train::plan::{recipe_lora_error, TrainPlan, FULL_WEIGHTS, PROXY_FILE, PROXY_PARAM};
+
+/// What a trainable tensor is, typed: the loop, the checkpoint and the exports dispatch on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamRole {
+    /// A weight of a fully trained module group (the group's name).
+    Full(&'static str),
+    /// A LoRA A or B matrix.
+    Lora,
+    /// The proxy-instruction vectors.
+    Proxy,
+}
+
+impl ParamRole {
+    /// The name plans and metrics group parameters under.
+    pub fn group_name(self) -> &'static str {
+        match self {
+            ParamRole::Full(g) => g,
+            ParamRole::Lora => "lora",
+            ParamRole::Proxy => PROXY_PARAM,
+        }
+    }
+}
+
+/// One trainable tensor: its export name and what it is.
+#[derive(Clone)]
+pub struct TrainParam {
+    /// Canonical weight name, `{module}.lora_A.weight` / `.lora_B.weight`, or `proxy`.
+    pub name: String,
+    pub var: Var,
+    pub role: ParamRole,
+}
+
+impl Trainer {
+    /// Load the stage's model and trainable set (see the module docs).
+    pub fn new(plan: TrainPlan) -> Result<Self> {
+        let device = plan.device.clone();
+        let lora = match &plan.lora {
+            Some(l) => Some(match &l.from {
+                Some(dir) => {
+                    let a = read_adapter(dir, &device, plan.layout.family.key_map())?;
+                    LoraFactory::new(a.spec, l.trains, plan.cfg.train.seed)?.with_loaded(a.weights)
+                }
+                None => LoraFactory::new(l.spec.clone(), true, plan.cfg.train.seed)?,
+            }),
+            None => None,
+        };
+        let overrides = match plan
+            .previous
+            .as_ref()
+            .map(|p| p.join(FULL_WEIGHTS))
+            .filter(|p| p.is_file())
+        {
+            Some(f) => load_float_safetensors(&f, &device)?,
+            None => HashMap::new(),
+        };
+        let groups = plan.full_groups.clone();
+        let (model, store) = plan
+            .layout
+            .family
+            .load(
+                plan.model_dir(),
+                LoadOptions {
+                    device: device.clone(),
+                    dtype: plan.cfg.model.dtype.dtype(),
+                    trainable: Some(Box::new(move |name: &str| {
+                        groups.iter().any(|g| g.contains(name))
+                    })),
+                    lora,
+                    overrides,
+                },
+            )
+            .map_err(|e| recipe_lora_error(&plan.cfg, e))?;
+        let proxy = proxy_for_stage(&plan, model.as_ref(), &device)?;
+        let mut params: Vec<TrainParam> = store
+            .trainable_vars()
+            .into_iter()
+            .map(|(name, var)| {
+                let group = plan.full_group_of(&name).map_or("full", |g| g.name);
+                TrainParam {
+                    name,
+                    var,
+                    role: ParamRole::Full(group),
+                }
+            })
+            .collect();
+        if let Some(lora) = store.lora() {
+            for e in lora.entries() {
+                for (suffix, var) in [("lora_A", e.a_var), ("lora_B", e.b_var)] {
+                    if let Some(var) = var {
+                        params.push(TrainParam {
+                            name: format!("{}.{suffix}.weight", e.module),
+                            var,
+                            role: ParamRole::Lora,
+                        });
+                    }
+                }
+            }
+        }
+        if let (Some(p), true) = (&proxy, plan.stage.train_proxy) {
+            params.push(TrainParam {
+                name: PROXY_PARAM.into(),
+                var: p.var().clone(),
+                role: ParamRole::Proxy,
+            });
+        }
+        check_params_match_plan(&plan, &params)?;
+        let optim = optimizer(&plan, &params)?;
+        let schedule = plan.schedule()?;
+        let lora_runtime = store.lora().map(|l| l.runtime());
+        Ok(Self {
+            plan,
+            model,
+            store,
+            proxy,
+            params,
+            optim,
+            schedule,
+            lora_runtime,
+            state: TrainerState::default(),
+        })
+    }
+}
+
+/// The loaded trainable set must be what the plan (and `--dry-run`) announced from the layout:
+/// a mismatch means the family's shapes from `config.json` disagree with its model code.
+fn check_params_match_plan(plan: &TrainPlan, params: &[TrainParam]) -> Result<()> {
+    let mut loaded: BTreeMap<String, usize> = BTreeMap::new();
+    for p in params {
+        *loaded.entry(p.role.group_name().to_string()).or_default() += p.var.elem_count();
+    }
+    let planned = plan.trainable_counts();
+    if loaded != planned {
+        return Err(Error::Model(format!(
+            "stage `{}`: the model loaded from {} trains {loaded:?} parameters, but its \
+             config.json announces {planned:?} (the {} family's layout disagrees with its model)",
+            plan.stage.name,
+            plan.model_dir().display(),
+            plan.layout.family.name()
+        )));
+    }
+    Ok(())
+}
+
+/// AdamW over the stage's parameters: names matching `optim.no_decay` get no weight decay.
+fn optimizer(plan: &TrainPlan, params: &[TrainParam]) -> Result<AdamW> {
+    let cfg = &plan.cfg.optim;
+    let groups = vec![
+        ParamGroup {
+            name: "decay".into(),
+            weight_decay: cfg.weight_decay,
+            lr_scale: 1.0,
+        },
+        ParamGroup {
+            name: "no_decay".into(),
+            weight_decay: 0.0,
+            lr_scale: 1.0,
+        },
+    ];
+    let params = params
+        .iter()
+        .map(|p| {
+            let no_decay = cfg.no_decay.iter().any(|k| p.name.contains(k.as_str()));
+            (p.name.clone(), p.var.clone(), usize::from(no_decay))
+        })
+        .collect();
+    let adam = AdamWConfig {
+        beta1: cfg.betas[0],
+        beta2: cfg.betas[1],
+        eps: cfg.eps,
+    };
+    AdamW::new(adam, groups, params)
+}
+
+/// Proxy vectors for a proxy-mode stage: the previous stage's, else freshly initialised.
+fn proxy_for_stage(
+    plan: &TrainPlan,
+    model: &dyn VisionLanguageModel,
+    device: &Device,
+) -> Result<Option<ProxyInstruction>> {
+    let (cfg, stage) = (&plan.cfg, &plan.stage);
+    if stage.instruction_mode != InstructionMode::Proxy {
+        return Ok(None);
+    }
+    let hidden = model.hidden_size();
+    let previous: Option<&Path> = plan.previous.as_deref();
+    let mut proxy = match previous.map(|p| p.join(PROXY_FILE)).filter(|p| p.is_file()) {
+        Some(f) => {
+            let p = ProxyInstruction::load(&f, device)?;
+            if p.tokens() != cfg.proxy.tokens || p.hidden() != hidden {
+                return Err(Error::Weights(format!(
+                    "{} holds {}x{} proxy vectors; this stage needs {}x{hidden}",
+                    f.display(),
+                    p.tokens(),
+                    p.hidden(),
+                    cfg.proxy.tokens
+                )));
+            }
+            // A new stage starts its own average from the vectors it inherits.
+            ProxyInstruction::from_tensor(p.var().as_tensor().clone())?
+        }
+        None if cfg.proxy.init == ProxyInit::Text => {
+            let t = cfg.proxy.init_text.as_deref().unwrap_or_default();
+            let ids = plan.batches.text.encode_plain(t)?;
+            ProxyInstruction::from_text_embeddings(&model.embed_ids(&ids)?, cfg.proxy.tokens)?
+        }
+        None => ProxyInstruction::uniform(
+            cfg.proxy.tokens,
+            hidden,
+            cfg.proxy.bound,
+            cfg.train.seed,
+            device,
+        )?,
+    };
+    if let Some(m) = stage.momentum {
+        proxy.enable_momentum(m)?;
+    }
+    Ok(Some(proxy))
+}
