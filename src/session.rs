@@ -16,7 +16,7 @@ use crate::model::checkpoint::resolve_model;
 use crate::model::family::{layout, open_with_layout};
 use crate::model::generate::{continuation_logprobs, greedy};
 use crate::model::lora::LoraFactory;
-use crate::model::{LoadOptions, ModelLayout, VisionInput, VisionLanguageModel};
+use crate::model::{ImageOptions, LoadOptions, ModelLayout, VisionInput, VisionLanguageModel};
 use crate::train::checkpoint::load_float_safetensors;
 
 /// How the prompt text is turned into tokens.
@@ -34,6 +34,8 @@ pub struct SessionOptions {
     pub device: Device,
     pub dtype: DType,
     pub aspect: AspectMode,
+    /// At most this many tiles per picture (tiling processors only).
+    pub max_tiles: Option<usize>,
     /// A PEFT LoRA adapter directory applied on top of the base weights.
     pub adapter: Option<PathBuf>,
     /// Fully trained weights replacing the base ones (a run's `full_weights.safetensors`, or a
@@ -47,6 +49,7 @@ impl Default for SessionOptions {
             device: Device::Cpu,
             dtype: DType::F32,
             aspect: AspectMode::Resize,
+            max_tiles: None,
             adapter: None,
             full_weights: None,
         }
@@ -114,8 +117,12 @@ impl Session {
                     Some(f) => base_weights_only(load_float_safetensors(f, &opts.device)?),
                     None => Default::default(),
                 },
+                trainable_rows: Vec::new(),
             },
-            opts.aspect,
+            &ImageOptions {
+                aspect: opts.aspect,
+                max_tiles: opts.max_tiles,
+            },
         )?;
         if let (Some(path), Some(factory)) = (&opts.adapter, opened.store.lora()) {
             let missing = factory.missing_loaded();

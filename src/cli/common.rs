@@ -29,7 +29,7 @@ pub enum AspectArg {
 
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// Checkpoint directory (HF llava layout) or Hub repo id (org/name).
+    /// Checkpoint directory (HF layout: LLaVA or Llama-3.2-Vision) or Hub repo id (org/name).
     #[arg(long)]
     pub model: String,
     /// Weight dtype. f32 is the only sensible choice on CPU.
@@ -41,6 +41,9 @@ pub struct ModelArgs {
     /// How non-square images are fitted.
     #[arg(long, value_enum, default_value = "resize")]
     pub image_aspect: AspectArg,
+    /// At most this many tiles per image (Llama-3.2-Vision; the reference recipe uses 1).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_image_tiles: Option<u64>,
     /// PEFT LoRA adapter directory to apply (adapter_config.json + adapter_model.safetensors).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
@@ -64,6 +67,7 @@ impl ModelArgs {
                 AspectArg::Pad => AspectMode::Pad,
                 AspectArg::Squash => AspectMode::Squash,
             },
+            max_tiles: self.max_image_tiles.map(|n| n as usize),
             adapter: self.adapter.clone(),
             full_weights: self.full_weights.clone(),
         };

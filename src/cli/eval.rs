@@ -167,6 +167,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             dtype: args.model.dtype,
             device: args.model.device.clone(),
             image_aspect: args.model.image_aspect,
+            max_image_tiles: args.model.max_image_tiles,
             adapter: state.adapter.clone(),
             full_weights: state.full_weights.clone(),
         };

@@ -158,6 +158,11 @@ pub struct ModelSection {
     /// resize to the processor's square size).
     #[serde(default)]
     pub image_aspect: AspectMode,
+    /// At most this many tiles per picture, for families whose processor tiles images
+    /// (Llama-3.2-Vision; the reference recipe uses 1). Absent: the processor's
+    /// `max_image_tiles`.
+    #[serde(default)]
+    pub max_image_tiles: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

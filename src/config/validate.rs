@@ -80,6 +80,9 @@ impl TrainConfig {
                 format!("`{device}` is not one of cpu, cuda, cuda:N"),
             ));
         }
+        if let Some(n) = self.model.max_image_tiles {
+            c.at_least_one("model.max_image_tiles", n)?;
+        }
         self.validate_data(&c)?;
         self.validate_full(&c)?;
         self.validate_proxy(&c)?;

@@ -46,6 +46,9 @@ pub struct KvCache {
     self_attn: Vec<LayerCache>,
     cross_attn: Vec<LayerCache>,
     len: usize,
+    /// The cross-attention bias and row mask of the prompt's last position, which every
+    /// generated token reuses (HF repeats the last row of the cross-attention mask).
+    cross_rows: Option<(Tensor, Tensor)>,
 }
 
 impl KvCache {
@@ -55,6 +58,7 @@ impl KvCache {
             self_attn: vec![LayerCache::default(); self_layers],
             cross_attn: vec![LayerCache::default(); cross_layers],
             len: 0,
+            cross_rows: None,
         }
     }
 
@@ -80,6 +84,15 @@ impl KvCache {
     /// Whether the images' cross-attention keys/values are cached (prefill ran with images).
     pub fn has_image_states(&self) -> bool {
         self.cross_attn.iter().any(|l| !l.is_empty())
+    }
+
+    /// Keep the cross-attention mask row generated tokens reuse.
+    pub fn set_cross_rows(&mut self, bias: Tensor, row_mask: Tensor) {
+        self.cross_rows = Some((bias, row_mask));
+    }
+
+    pub fn cross_rows(&self) -> Option<&(Tensor, Tensor)> {
+        self.cross_rows.as_ref()
     }
 
     /// Record that `s` more positions went through every self-attention layer.

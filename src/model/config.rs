@@ -206,7 +206,7 @@ impl LlavaConfig {
     }
 }
 
-fn bad(path: &Path, key: &str, reason: impl Into<String>) -> Error {
+pub(crate) fn bad(path: &Path, key: &str, reason: impl Into<String>) -> Error {
     Error::Config {
         path: path.to_path_buf(),
         key: key.to_string(),
@@ -354,7 +354,7 @@ fn resolve_text(raw: &RawTextConfig, top_tie: Option<bool>, path: &Path) -> Resu
     })
 }
 
-fn resolve_rope(p: Option<&RopeParameters>, path: &Path) -> Result<RopeKind> {
+pub(crate) fn resolve_rope(p: Option<&RopeParameters>, path: &Path) -> Result<RopeKind> {
     let Some(p) = p else {
         return Ok(RopeKind::Default);
     };

@@ -18,11 +18,21 @@ use crate::data::prompt::{ChatTemplate, PromptDefaults, TextProcessor};
 use crate::error::{Error, Result};
 use crate::model::llava::LlavaFamily;
 use crate::model::lora::LoraFactory;
+use crate::model::mllama::MllamaFamily;
 use crate::model::weights::{KeyMap, TrainableFilter, WeightStore};
 use crate::model::VisionLanguageModel;
 
 /// Every family lvlm-ift runs, in the order they are tried.
-pub static FAMILIES: &[&dyn ModelFamily] = &[&LlavaFamily];
+pub static FAMILIES: &[&dyn ModelFamily] = &[&LlavaFamily, &MllamaFamily];
+
+/// Rows `start..end` of a 2-D weight that a group owns while the rest of the weight belongs to
+/// another group (Mllama's `fusion` owns the 8 embedding rows past the vocabulary).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowSlice {
+    pub weight: String,
+    pub start: usize,
+    pub end: usize,
+}
 
 /// A set of weights a recipe can train in full (`full.groups`), named by the family.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +42,8 @@ pub struct ModuleGroup {
     pub about: &'static str,
     /// Canonical-name prefixes of the group's weights.
     prefixes: Vec<String>,
+    /// Parts of weights outside `prefixes` that the group also holds.
+    rows: Vec<RowSlice>,
 }
 
 impl ModuleGroup {
@@ -40,7 +52,17 @@ impl ModuleGroup {
             name,
             about,
             prefixes,
+            rows: Vec::new(),
         }
+    }
+
+    pub fn with_rows(mut self, rows: Vec<RowSlice>) -> Self {
+        self.rows = rows;
+        self
+    }
+
+    pub fn rows(&self) -> &[RowSlice] {
+        &self.rows
     }
 
     /// Whether the weight of this canonical name belongs to the group.
@@ -137,6 +159,20 @@ impl ModelLayout {
             .sum()
     }
 
+    /// Parameters of a group, its row slices included.
+    pub fn group_params(&self, group: &ModuleGroup) -> usize {
+        let rows: usize = group
+            .rows()
+            .iter()
+            .filter(|r| !group.contains(&r.weight))
+            .filter_map(|r| {
+                let shape = self.params.get(&r.weight)?;
+                Some((r.end - r.start) * shape[1..].iter().product::<usize>())
+            })
+            .sum();
+        self.count_params(|p| group.contains(p)) + rows
+    }
+
     /// The chat template and tokenizer of the model directory, with the family's defaults, the
     /// image token checked against `config.json` and EOS within the model's vocabulary.
     pub fn prompt(&self) -> Result<(ChatTemplate, TextProcessor)> {
@@ -153,6 +189,16 @@ impl ModelLayout {
     }
 }
 
+/// How a family's image processor is set up beyond its `preprocessor_config.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ImageOptions {
+    /// How a non-square picture reaches the processor (recipe `model.image_aspect`).
+    pub aspect: AspectMode,
+    /// At most this many tiles per picture (recipe `model.max_image_tiles`); only for families
+    /// whose processor tiles (Mllama), an error elsewhere.
+    pub max_tiles: Option<usize>,
+}
+
 /// What to load and how.
 pub struct LoadOptions {
     pub device: Device,
@@ -163,6 +209,8 @@ pub struct LoadOptions {
     pub lora: Option<LoraFactory>,
     /// Weights replacing the checkpoint's, by canonical name (e.g. from an earlier stage).
     pub overrides: std::collections::HashMap<String, Tensor>,
+    /// Row slices of weights that train while the rest of each weight stays frozen.
+    pub trainable_rows: Vec<RowSlice>,
 }
 
 impl Default for LoadOptions {
@@ -173,6 +221,7 @@ impl Default for LoadOptions {
             trainable: None,
             lora: None,
             overrides: Default::default(),
+            trainable_rows: Vec::new(),
         }
     }
 }
@@ -200,7 +249,7 @@ pub trait ModelFamily: Sync {
     ) -> Result<(Box<dyn VisionLanguageModel>, WeightStore)>;
     /// The family's image processor, configured from the directory and checked against the
     /// vision encoder `layout` describes.
-    fn image_processor(&self, layout: &ModelLayout, aspect: AspectMode) -> Result<ImageProcessor>;
+    fn image_processor(&self, layout: &ModelLayout, opts: &ImageOptions) -> Result<ImageProcessor>;
 }
 
 /// The family of the checkpoint in `dir`, from its `config.json`.
@@ -283,18 +332,18 @@ pub struct OpenedModel {
 }
 
 /// Load the checkpoint in `dir` with the family its `config.json` names.
-pub fn open(dir: &Path, opts: LoadOptions, aspect: AspectMode) -> Result<OpenedModel> {
+pub fn open(dir: &Path, opts: LoadOptions, image: &ImageOptions) -> Result<OpenedModel> {
     let layout = layout(dir)?;
-    open_with_layout(layout, opts, aspect)
+    open_with_layout(layout, opts, image)
 }
 
 /// [`open`] for a layout already read (the plan reads it first, to check the recipe).
 pub fn open_with_layout(
     layout: ModelLayout,
     opts: LoadOptions,
-    aspect: AspectMode,
+    image: &ImageOptions,
 ) -> Result<OpenedModel> {
-    let processor = layout.family.image_processor(&layout, aspect)?;
+    let processor = layout.family.image_processor(&layout, image)?;
     let (model, store) = layout.family.load(&layout.dir, opts)?;
     Ok(OpenedModel {
         layout,

@@ -221,20 +221,48 @@ fn upcast(x: &Tensor) -> candle_core::Result<Tensor> {
 #[derive(Debug, Clone)]
 pub struct Embedding {
     pub weight: Tensor,
+    /// Rows `start..start + n` that train apart from the (frozen) table: `(start, [n, dim])`.
+    trained_rows: Option<(usize, Tensor)>,
 }
 
 impl Embedding {
     pub fn new(w: &Weights, vocab: usize, dim: usize) -> Result<Self> {
+        let (weight, rows) = w.store().get_with_rows(&w.name("weight"), &[vocab, dim])?;
         Ok(Self {
-            weight: w.get("weight", &[vocab, dim])?,
+            weight,
+            trained_rows: rows.map(|(start, var)| (start, var.as_tensor().clone())),
         })
     }
 
-    /// `ids` of any shape → `[..., dim]`.
+    /// `ids` of any shape → `[..., dim]`. Ids in the trained rows read them (the gradient
+    /// reaches only those rows); the others read the table.
     pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let mut dims = ids.dims().to_vec();
         let flat = ids.flatten_all()?;
-        let rows = self.weight.index_select(&flat, 0)?;
+        let mut rows = self.weight.index_select(&flat, 0)?;
+        if let Some((start, trained)) = &self.trained_rows {
+            let n = trained.dim(0)? as u32;
+            let start = *start as u32;
+            let ids_host = flat.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+            let inside: Vec<bool> = ids_host
+                .iter()
+                .map(|&i| i >= start && i < start + n)
+                .collect();
+            if inside.iter().any(|&b| b) {
+                let local: Vec<u32> = ids_host
+                    .iter()
+                    .zip(&inside)
+                    .map(|(&i, &b)| if b { i - start } else { 0 })
+                    .collect();
+                let local = Tensor::from_vec(local, flat.dims(), flat.device())?;
+                let picked = trained.index_select(&local, 0)?.to_dtype(rows.dtype())?;
+                let m: Vec<f32> = inside.iter().map(|&b| f32::from(u8::from(b))).collect();
+                let m = Tensor::from_vec(m, (inside.len(), 1), flat.device())?
+                    .to_dtype(rows.dtype())?;
+                let keep = (m.ones_like()? - &m)?;
+                rows = (rows.broadcast_mul(&keep)? + picked.broadcast_mul(&m)?)?;
+            }
+        }
         dims.push(self.weight.dim(1)?);
         rows.reshape(dims)
     }

@@ -17,6 +17,7 @@ pub mod llama;
 pub mod llava;
 pub mod lora;
 pub mod loss;
+pub mod mllama;
 pub mod vision_input;
 pub mod weights;
 
@@ -24,7 +25,9 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 pub use cache::KvCache;
-pub use family::{open, LoadOptions, ModelFamily, ModelLayout, ModuleGroup, OpenedModel};
+pub use family::{
+    open, ImageOptions, LoadOptions, ModelFamily, ModelLayout, ModuleGroup, OpenedModel,
+};
 pub use vision_input::VisionInput;
 
 /// Rows that replace token embeddings at given positions (e.g. proxy-instruction vectors).

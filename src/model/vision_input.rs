@@ -10,6 +10,15 @@ use crate::error::{Error, Result};
 pub enum VisionInput {
     /// `[n, 3, H, W]` pixel values, one fixed-size image per picture (CLIP / LLaVA).
     Pixels(Tensor),
+    /// Tiled pictures (Mllama): `pixel_values [n, max_tiles, 3, h, w]` (padding tiles zero),
+    /// `aspect_ratio_ids [n]` (u32; 0 = padding), `aspect_ratio_mask [n, max_tiles]` (u32,
+    /// 1 = real tile) and the real tile count of each picture.
+    Tiles {
+        pixel_values: Tensor,
+        aspect_ratio_ids: Tensor,
+        aspect_ratio_mask: Tensor,
+        num_tiles: Vec<usize>,
+    },
 }
 
 impl VisionInput {
@@ -48,6 +57,7 @@ impl VisionInput {
     pub fn num_images(&self) -> Result<usize> {
         match self {
             VisionInput::Pixels(t) => Ok(t.dim(0)?),
+            VisionInput::Tiles { pixel_values, .. } => Ok(pixel_values.dim(0)?),
         }
     }
 }

@@ -46,7 +46,7 @@ pub fn describe_recipe(cfg: &TrainConfig) -> Result<String> {
             .map(|j| stages[j].output_dir.clone())
             .filter(|p| p.join(COMPLETE).is_file());
         out.push_str(&format!("== stage {}/{}\n", i + 1, stages.len()));
-        out.push_str(&TrainPlan::build(cfg, stage, previous.as_deref())?.describe()?);
+        out.push_str(&TrainPlan::build_for_dry_run(cfg, stage, previous.as_deref())?.describe()?);
     }
     Ok(out)
 }

@@ -35,7 +35,10 @@ pub const DEFAULT_IMAGE_TOKEN: &str = "<image>";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PromptDefaults {
     pub image_token: &'static str,
-    /// Jinja source; receives string content (`"{image_token}\n" + text` for an image turn).
+    /// What precedes the text of an image turn when a template receives string content
+    /// (tokenizer templates and the fallback): `<image>\n` for LLaVA, `<|image|>` for Mllama.
+    pub image_prefix: &'static str,
+    /// Jinja source; receives string content.
     pub fallback_template: &'static str,
 }
 
@@ -43,6 +46,14 @@ impl PromptDefaults {
     /// LLaVA-1.5: `<image>` and the `USER: <image>\n{prompt} ASSISTANT:` prompt.
     pub const LLAVA: PromptDefaults = PromptDefaults {
         image_token: DEFAULT_IMAGE_TOKEN,
+        image_prefix: "<image>\n",
         fallback_template: template::LLAVA_FALLBACK_TEMPLATE,
+    };
+
+    /// Llama-3.2-Vision: `<|image|>` right before the text, Llama-3 headers.
+    pub const MLLAMA: PromptDefaults = PromptDefaults {
+        image_token: "<|image|>",
+        image_prefix: "<|image|>",
+        fallback_template: template::LLAMA3_FALLBACK_TEMPLATE,
     };
 }

@@ -32,6 +32,16 @@ pub(super) const LLAVA_FALLBACK_TEMPLATE: &str = "{% for message in messages %}\
 {% endif %}{% endfor %}\
 {% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}";
 
+/// Llama 3's chat format, for a Llama-3.2-Vision directory without a chat template: every turn
+/// is `<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>` after the BOS, and the
+/// generation prompt opens an assistant header. Content arrives as strings (`<|image|>` + text
+/// for an image turn, as the official template writes it).
+pub(super) const LLAMA3_FALLBACK_TEMPLATE: &str = "{{ bos_token if bos_token else '' }}\
+{% for message in messages %}\
+{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}\
+{% endfor %}\
+{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
+
 /// The name the single template is registered under in its environment.
 const TEMPLATE_NAME: &str = "chat_template";
 
@@ -139,7 +149,7 @@ pub struct ChatTemplate {
     origin: String,
     text: String,
     /// Written before the text of an image turn when content reaches the template as strings.
-    image_token: &'static str,
+    image_prefix: &'static str,
 }
 
 impl fmt::Debug for ChatTemplate {
@@ -169,7 +179,7 @@ impl ChatTemplate {
     /// are `defaults`.
     pub fn from_model_dir_with(dir: &Path, defaults: &PromptDefaults) -> Result<Self> {
         let mut template = Self::find_in_dir(dir, defaults)?;
-        template.image_token = defaults.image_token;
+        template.image_prefix = defaults.image_prefix;
         Ok(template)
     }
 
@@ -249,7 +259,7 @@ impl ChatTemplate {
             TemplateSource::Fallback.to_string(),
         ) {
             Ok(t) => Self {
-                image_token: defaults.image_token,
+                image_prefix: defaults.image_prefix,
                 ..t
             },
             // The constant template is covered by tests; this arm cannot be reached.
@@ -283,7 +293,7 @@ impl ChatTemplate {
             special,
             origin,
             text: template,
-            image_token: PromptDefaults::LLAVA.image_token,
+            image_prefix: PromptDefaults::LLAVA.image_prefix,
         })
     }
 
@@ -310,7 +320,7 @@ impl ChatTemplate {
         let structured = self.source.structured_content();
         let messages: Vec<Value> = turns
             .iter()
-            .map(|turn| message_value(turn, structured, self.image_token))
+            .map(|turn| message_value(turn, structured, self.image_prefix))
             .collect();
 
         let mut ctx: Vec<(&str, Value)> = vec![
@@ -389,7 +399,7 @@ fn template_text(value: &Json, path: &Path) -> Result<String> {
 }
 
 /// Shape one turn the way `transformers` hands it to the template.
-fn message_value(turn: &Turn, structured: bool, image_token: &str) -> Value {
+fn message_value(turn: &Turn, structured: bool, image_prefix: &str) -> Value {
     let content = if structured {
         let mut items = Vec::with_capacity(2);
         if turn.image {
@@ -401,7 +411,7 @@ fn message_value(turn: &Turn, structured: bool, image_token: &str) -> Value {
         ]));
         Value::from(items)
     } else if turn.image {
-        Value::from(format!("{image_token}\n{}", turn.text))
+        Value::from(format!("{image_prefix}{}", turn.text))
     } else {
         Value::from(turn.text.as_str())
     };

@@ -7,11 +7,13 @@ use std::path::Path;
 use candle_core::Device;
 
 use super::LlavaModel;
-use crate::data::processor::{AspectMode, ClipImageProcessor, ClipProcessorConfig, ImageProcessor};
+use crate::data::processor::{ClipImageProcessor, ClipProcessorConfig, ImageProcessor};
 use crate::data::prompt::PromptDefaults;
 use crate::error::{Error, Result};
 use crate::model::config::LlavaConfig;
-use crate::model::family::{LinearModule, LoadOptions, ModelFamily, ModelLayout, ModuleGroup};
+use crate::model::family::{
+    ImageOptions, LinearModule, LoadOptions, ModelFamily, ModelLayout, ModuleGroup,
+};
 use crate::model::lora::LoraFactory;
 use crate::model::weights::{KeyMap, WeightStore};
 use crate::model::VisionLanguageModel;
@@ -90,7 +92,14 @@ impl ModelFamily for LlavaFamily {
         Ok((Box::new(model), store))
     }
 
-    fn image_processor(&self, layout: &ModelLayout, aspect: AspectMode) -> Result<ImageProcessor> {
+    fn image_processor(&self, layout: &ModelLayout, opts: &ImageOptions) -> Result<ImageProcessor> {
+        if let Some(n) = opts.max_tiles {
+            return Err(Error::Model(format!(
+                "max_image_tiles = {n}: LLaVA's CLIP processor does not tile images (the setting \
+                 is for Llama-3.2-Vision)"
+            )));
+        }
+        let aspect = opts.aspect;
         let cfg = LlavaConfig::from_file(&layout.config_path())?;
         let processor =
             ClipImageProcessor::new(ClipProcessorConfig::from_model_dir(&layout.dir)?, aspect)?;

@@ -66,6 +66,14 @@ impl LlavaModel {
         if !opts.overrides.is_empty() {
             store = store.with_overrides(opts.overrides)?;
         }
+        if !opts.trainable_rows.is_empty() {
+            store = store.with_trainable_rows(
+                opts.trainable_rows
+                    .into_iter()
+                    .map(|r| (r.weight, r.start, r.end))
+                    .collect(),
+            );
+        }
         let model = Self::new(&store, &cfg)?;
         Ok((model, store))
     }
@@ -236,7 +244,11 @@ impl LlavaModel {
 
 impl VisionLanguageModel for LlavaModel {
     fn image_features(&self, vision: &VisionInput) -> Result<Tensor> {
-        let VisionInput::Pixels(pixel_values) = vision;
+        let VisionInput::Pixels(pixel_values) = vision else {
+            return Err(Error::Model(
+                "LLaVA takes one fixed-size image per picture, not tiles".into(),
+            ));
+        };
         let states = self
             .vision_tower
             .hidden_states(pixel_values, &self.feature_layers)?;

@@ -28,7 +28,7 @@ impl TrainPlan {
             layout.dir.display(),
             layout.family.name(),
             self.cfg.model.image_aspect,
-            self.batches.processor.describe()
+            self.processor.describe()
         ));
         out.push_str(&format!(
             "base parameters  {total_params} ({:.1} MB as {})\n",
@@ -36,7 +36,7 @@ impl TrainPlan {
             self.cfg.model.dtype.as_str()
         ));
         for (group, how) in self.group_trainability() {
-            let n = layout.count_params(|p| group.contains(p));
+            let n = layout.group_params(group);
             let trained = match how {
                 Trainability::Full => by_role.get(group.name).copied().unwrap_or(0),
                 _ => 0,
@@ -98,7 +98,7 @@ impl TrainPlan {
         ));
         out.push_str(&format!(
             "training pairs   {} (after repeats)\nsteps/epoch      {} (batch {}, accumulation {})\ntotal steps      {} ({} epochs{})\n",
-            self.batches.pairs.len(),
+            self.pairs.len(),
             self.steps_per_epoch,
             self.cfg.train.batch_size,
             self.cfg.train.grad_accum,
@@ -142,10 +142,16 @@ impl TrainPlan {
 
     /// The first pair as epoch 0 renders it, `[learned]` tokens bracketed.
     fn describe_sample(&self) -> Result<String> {
-        let first = &self.batches.pairs[0];
-        let description = self.batches.description(0, 0);
-        let enc = self.batches.encoder().encode(&description)?;
-        let text = &self.batches.text;
+        let Some(batches) = &self.batches else {
+            return Ok(format!(
+                "sample           not rendered: {} has no tokenizer.json (training needs it)\n",
+                self.model_dir().display()
+            ));
+        };
+        let first = &batches.pairs[0];
+        let description = batches.description(0, 0);
+        let enc = batches.encoder().encode(&description)?;
+        let text = &batches.text;
         let mut shown = String::new();
         let mut run: Option<(u8, Vec<u32>)> = None;
         let flush = |run: &mut Option<(u8, Vec<u32>)>, shown: &mut String| -> Result<()> {

@@ -14,13 +14,14 @@ use crate::adapter::read_adapter_config;
 use crate::config::{InstructionMode, StageSpec, TrainConfig};
 use crate::data::batch::BatchMaker;
 use crate::data::collate::Instruction;
-use crate::data::pairs::{load_pair_sources, PairSource};
+use crate::data::pairs::{load_pair_sources, Pair, PairSource};
+use crate::data::processor::ImageProcessor;
 use crate::error::{Error, Result};
 use crate::model::checkpoint::resolve_model;
 use crate::model::family::{layout, LinearModule};
 use crate::model::lora::LoraSpec;
 use crate::model::parse_device;
-use crate::model::{ModelLayout, ModuleGroup};
+use crate::model::{ImageOptions, ModelLayout, ModuleGroup};
 use crate::train::schedule::{Schedule, Warmup};
 
 mod checks;
@@ -78,7 +79,12 @@ pub struct TrainPlan {
     pub lora: Option<StageLora>,
     /// Linear layers that get an adapter, by canonical module name.
     pub lora_modules: BTreeMap<String, LinearModule>,
-    pub batches: BatchMaker,
+    /// The training pairs, after repeats.
+    pub pairs: Arc<Vec<Pair>>,
+    pub processor: ImageProcessor,
+    /// `None` only in a plan for `--dry-run` of a model directory without tokenizer files
+    /// (e.g. a checkpoint's bare `config.json`): nothing is tokenized then.
+    pub batches: Option<BatchMaker>,
     pub steps_per_epoch: usize,
     pub total_steps: usize,
     /// Where the previous stage's outputs came from, if any.
@@ -88,6 +94,25 @@ pub struct TrainPlan {
 impl TrainPlan {
     /// Plan `stage` of `cfg`, continuing from the outputs of the stage before it (`previous`).
     pub fn build(cfg: &TrainConfig, stage: &StageSpec, previous: Option<&Path>) -> Result<Self> {
+        Self::build_with(cfg, stage, previous, true)
+    }
+
+    /// [`TrainPlan::build`] for `--dry-run`: a model directory without `tokenizer.json` is
+    /// planned all the same, without the rendered sample.
+    pub fn build_for_dry_run(
+        cfg: &TrainConfig,
+        stage: &StageSpec,
+        previous: Option<&Path>,
+    ) -> Result<Self> {
+        Self::build_with(cfg, stage, previous, false)
+    }
+
+    fn build_with(
+        cfg: &TrainConfig,
+        stage: &StageSpec,
+        previous: Option<&Path>,
+        need_tokenizer: bool,
+    ) -> Result<Self> {
         let device = parse_device(&cfg.model.device)?;
         let model_dir = resolve_model(&cfg.model.path)?;
         let layout = layout(&model_dir)?;
@@ -128,17 +153,21 @@ impl TrainPlan {
         check_sequence_bounds(cfg, stage, &layout)?;
         let processor = layout
             .family
-            .image_processor(&layout, cfg.model.image_aspect)?;
-        // Every sample ends with EOS, which must be a row of the model's head (checked there).
-        let (template, text) = layout.prompt()?;
-        let instruction = match stage.instruction_mode {
-            InstructionMode::Proxy => Instruction::Proxy {
-                tokens: cfg.proxy.tokens,
-                placeholder_id: text.pad_token_id().or(text.bos_token_id()).unwrap_or(0),
-            },
-            InstructionMode::None => Instruction::None,
-            InstructionMode::Fixed => Instruction::Fixed(cfg.data.instruction.clone()),
-        };
+            .image_processor(
+                &layout,
+                &ImageOptions {
+                    aspect: cfg.model.image_aspect,
+                    max_tiles: cfg.model.max_image_tiles,
+                },
+            )
+            .map_err(|e| match cfg.model.max_image_tiles {
+                Some(_) if matches!(e, Error::Model(_)) => Error::Config {
+                    path: cfg.source.clone(),
+                    key: "model.max_image_tiles".into(),
+                    reason: e.to_string(),
+                },
+                _ => e,
+            })?;
         let sources: Vec<PairSource> = cfg
             .data
             .train
@@ -149,22 +178,36 @@ impl TrainPlan {
                 repeat: s.repeat,
             })
             .collect();
-        let pairs = load_pair_sources(&sources)?;
+        let pairs = Arc::new(load_pair_sources(&sources)?);
         if pairs.is_empty() {
             return Err(Error::Model("the training set is empty".into()));
         }
-        let batches = BatchMaker {
-            pairs: Arc::new(pairs),
-            template,
-            text,
-            processor,
-            instruction,
-            max_len: cfg.data.max_len,
-            max_positions: layout.max_positions,
-            shuffle: cfg.data.shuffle,
-            seed: cfg.train.seed,
+        let batches = if need_tokenizer || layout.dir.join("tokenizer.json").is_file() {
+            // Every sample ends with EOS, which must be a row of the model's head (checked there).
+            let (template, text) = layout.prompt()?;
+            let instruction = match stage.instruction_mode {
+                InstructionMode::Proxy => Instruction::Proxy {
+                    tokens: cfg.proxy.tokens,
+                    placeholder_id: text.pad_token_id().or(text.bos_token_id()).unwrap_or(0),
+                },
+                InstructionMode::None => Instruction::None,
+                InstructionMode::Fixed => Instruction::Fixed(cfg.data.instruction.clone()),
+            };
+            Some(BatchMaker {
+                pairs: pairs.clone(),
+                template,
+                text,
+                processor: processor.clone(),
+                instruction,
+                max_len: cfg.data.max_len,
+                max_positions: layout.max_positions,
+                shuffle: cfg.data.shuffle,
+                seed: cfg.train.seed,
+            })
+        } else {
+            None
         };
-        let micro_per_epoch = batches.pairs.len().div_ceil(cfg.train.batch_size);
+        let micro_per_epoch = pairs.len().div_ceil(cfg.train.batch_size);
         let steps_per_epoch = micro_per_epoch.div_ceil(cfg.train.grad_accum);
         let all = steps_per_epoch
             .checked_mul(stage.epochs)
@@ -186,6 +229,8 @@ impl TrainPlan {
             full_groups,
             lora,
             lora_modules,
+            pairs,
+            processor,
             batches,
             steps_per_epoch,
             total_steps,
@@ -200,7 +245,17 @@ impl TrainPlan {
     }
 
     pub fn micro_batches_per_epoch(&self) -> usize {
-        self.batches.pairs.len().div_ceil(self.cfg.train.batch_size)
+        self.pairs.len().div_ceil(self.cfg.train.batch_size)
+    }
+
+    /// The batch builder; an error for a plan made without tokenizer files.
+    pub fn batch_maker(&self) -> Result<&BatchMaker> {
+        self.batches.as_ref().ok_or_else(|| {
+            Error::Model(format!(
+                "{} has no tokenizer.json: training needs the tokenizer files next to config.json",
+                self.model_dir().display()
+            ))
+        })
     }
 
     /// Whether this canonical weight trains in full in this stage.
@@ -211,6 +266,28 @@ impl TrainPlan {
     /// The first of this stage's full groups that holds the weight.
     pub fn full_group_of(&self, name: &str) -> Option<&ModuleGroup> {
         self.full_groups.iter().find(|g| g.contains(name))
+    }
+
+    /// The row slices this stage trains apart from their weight (their weight not trained whole).
+    pub fn trained_row_slices(&self) -> Vec<crate::model::family::RowSlice> {
+        self.full_groups
+            .iter()
+            .flat_map(|g| g.rows().iter().cloned())
+            .filter(|r| !self.trains_in_full(&r.weight) && !self.layout.unrun.contains(&r.weight))
+            .collect()
+    }
+
+    /// The full group a trainable tensor belongs to: a whole weight's, or a row slice's
+    /// (`{weight}[{start}:{end}]`).
+    pub fn param_group(&self, name: &str) -> Option<&ModuleGroup> {
+        if let Some((weight, start, end)) = crate::model::weights::parse_row_param(name) {
+            return self.full_groups.iter().find(|g| {
+                g.rows()
+                    .iter()
+                    .any(|r| r.weight == weight && r.start == start && r.end == end)
+            });
+        }
+        self.full_group_of(name)
     }
 
     /// How each of the family's groups takes part in this stage.
@@ -247,6 +324,18 @@ impl TrainPlan {
             }
             if let Some(g) = self.full_group_of(name) {
                 *out.entry(g.name.to_string()).or_default() += shape.iter().product::<usize>();
+            }
+        }
+        // Rows a group owns of a weight that does not train whole (Mllama's extra embeddings).
+        for g in &self.full_groups {
+            for r in g.rows() {
+                if self.trains_in_full(&r.weight) || self.layout.unrun.contains(&r.weight) {
+                    continue;
+                }
+                if let Some(shape) = self.layout.params.get(&r.weight) {
+                    let per_row: usize = shape[1..].iter().product();
+                    *out.entry(g.name.to_string()).or_default() += (r.end - r.start) * per_row;
+                }
             }
         }
         if let Some(l) = self.lora.as_ref().filter(|l| l.trains) {

@@ -16,7 +16,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::config::NonFinitePolicy;
-use crate::data::batch::HostBatch;
+use crate::data::batch::{BatchMaker, HostBatch};
 use crate::data::loader::Prefetcher;
 use crate::error::{Error, Result};
 use crate::method::proxy::ProxyInstruction;
@@ -94,6 +94,7 @@ pub struct Trainer {
     pub store: WeightStore,
     pub proxy: Option<ProxyInstruction>,
     pub params: Vec<TrainParam>,
+    batches: BatchMaker,
     optim: AdamW,
     schedule: Schedule,
     lora_runtime: Option<Arc<LoraRuntime>>,
@@ -103,7 +104,7 @@ pub struct Trainer {
 impl Trainer {
     /// Data order of an epoch: a permutation seeded by (seed, epoch).
     fn epoch_order(&self, epoch: usize) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.plan.batches.pairs.len()).collect();
+        let mut order: Vec<usize> = (0..self.plan.pairs.len()).collect();
         let mut rng =
             ChaCha8Rng::seed_from_u64(self.plan.cfg.train.seed ^ ((epoch as u64 + 1) << 32));
         order.shuffle(&mut rng);
@@ -119,7 +120,7 @@ impl Trainer {
             .skip(start)
             .map(<[usize]>::to_vec)
             .collect();
-        let maker = self.plan.batches.clone();
+        let maker = self.batches.clone();
         Prefetcher::new(jobs, WORKERS, PREFETCH, move |idx: Vec<usize>| {
             maker.make(epoch, &idx)
         })

@@ -11,6 +11,7 @@ use super::{ParamRole, Trainer, TrainerState};
 use crate::adapter::write_adapter;
 use crate::error::{Error, Result};
 use crate::method::proxy::ProxyInstruction;
+use crate::model::weights::parse_row_param;
 use crate::train::checkpoint::{
     checkpoint_step, load_float_safetensors, load_safetensors, save_safetensors, write_atomic,
 };
@@ -147,7 +148,7 @@ impl Trainer {
                  checkpoint?)",
                 state.micro_batch,
                 self.plan.cfg.train.batch_size,
-                self.plan.batches.pairs.len()
+                self.plan.pairs.len()
             )));
         }
         let expected = state.epoch * self.plan.steps_per_epoch
@@ -177,9 +178,12 @@ impl Trainer {
             .params
             .iter()
             .filter(|p| matches!(p.role, ParamRole::Full(_)))
+            .filter(|p| parse_row_param(&p.name).is_none())
         {
             full.insert(p.name.clone(), p.var.as_tensor().detach());
         }
+        // Trained row slices go out as their whole weight, which merge and score read.
+        full.extend(self.store.assembled_row_weights()?);
         if !full.is_empty() {
             save_safetensors(&out_dir.join(FULL_WEIGHTS), &full, &HashMap::new())?;
         }

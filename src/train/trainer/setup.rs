@@ -53,6 +53,7 @@ pub struct TrainParam {
 impl Trainer {
     /// Load the stage's model and trainable set (see the module docs).
     pub fn new(plan: TrainPlan) -> Result<Self> {
+        let batches = plan.batch_maker()?.clone();
         let device = plan.device.clone();
         let lora = match &plan.lora {
             Some(l) => Some(match &l.from {
@@ -74,6 +75,7 @@ impl Trainer {
             None => HashMap::new(),
         };
         let groups = plan.full_groups.clone();
+        let trainable_rows = plan.trained_row_slices();
         let (model, store) = plan
             .layout
             .family
@@ -87,6 +89,7 @@ impl Trainer {
                     })),
                     lora,
                     overrides,
+                    trainable_rows,
                 },
             )
             .map_err(|e| recipe_lora_error(&plan.cfg, e))?;
@@ -95,7 +98,7 @@ impl Trainer {
             .trainable_vars()
             .into_iter()
             .map(|(name, var)| {
-                let group = plan.full_group_of(&name).map_or("full", |g| g.name);
+                let group = plan.param_group(&name).map_or("full", |g| g.name);
                 TrainParam {
                     name,
                     var,
@@ -133,6 +136,7 @@ impl Trainer {
             store,
             proxy,
             params,
+            batches,
             optim,
             schedule,
             lora_runtime,
@@ -220,7 +224,7 @@ fn proxy_for_stage(
         }
         None if cfg.proxy.init == ProxyInit::Text => {
             let t = cfg.proxy.init_text.as_deref().unwrap_or_default();
-            let ids = plan.batches.text.encode_plain(t)?;
+            let ids = plan.batch_maker()?.text.encode_plain(t)?;
             ProxyInstruction::from_text_embeddings(&model.embed_ids(&ids)?, cfg.proxy.tokens)?
         }
         None => ProxyInstruction::uniform(
