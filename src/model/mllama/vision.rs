@@ -309,7 +309,7 @@ impl MllamaVisionModel {
         let stacked = Tensor::stack(&intermediate, D::Minus1)? // [n, tiles*len, h, k]
             .reshape((n, tiles, len, h * k))?
             .narrow(2, 0, np)?;
-        Tensor::cat(&[&x, &stacked], D::Minus1)
+        Tensor::cat(&[&x, &stacked], D::Minus1)?.contiguous()
     }
 }
 
