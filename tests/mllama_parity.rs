@@ -254,3 +254,22 @@ fn the_extra_embedding_rows_train_on_their_own() {
     let row = ours.get(0).unwrap().sqr().unwrap().sum_all().unwrap();
     assert!(row.to_scalar::<f32>().unwrap() > 0.0);
 }
+
+#[test]
+fn the_11b_shapes_from_config_json_match_transformers_parameter_counts() {
+    let dir = fixtures().join("mllama-11b");
+    let l = layout(&dir).unwrap();
+    let want: HashMap<String, usize> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("param_counts.json")).unwrap())
+            .unwrap();
+    assert_eq!(l.total_params(), want["total"]);
+    for g in &l.groups {
+        println!(
+            "{:<22} {:>14}  (transformers {:?})",
+            g.name,
+            l.group_params(g),
+            want.get(g.name)
+        );
+        assert_eq!(Some(&l.group_params(g)), want.get(g.name), "{}", g.name);
+    }
+}
