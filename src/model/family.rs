@@ -226,6 +226,34 @@ impl Default for LoadOptions {
     }
 }
 
+impl LoadOptions {
+    /// The store of the checkpoint in `dir` (keys mapped by `key_map`) with these options
+    /// applied: trainable weights and rows, LoRA, overrides. What every family's `load` starts
+    /// from.
+    pub fn open_store(self, dir: &Path, key_map: KeyMap) -> Result<WeightStore> {
+        let files = crate::model::checkpoint::weight_files(dir)?;
+        let mut store = WeightStore::open(dir, &files, &self.device, self.dtype, key_map)?;
+        if let Some(filter) = self.trainable {
+            store = store.with_trainable(filter);
+        }
+        if let Some(lora) = self.lora {
+            store = store.with_lora(lora);
+        }
+        if !self.overrides.is_empty() {
+            store = store.with_overrides(self.overrides)?;
+        }
+        if !self.trainable_rows.is_empty() {
+            let rows = self
+                .trainable_rows
+                .into_iter()
+                .map(|r| (r.weight, r.start, r.end))
+                .collect();
+            store = store.with_trainable_rows(rows);
+        }
+        Ok(store)
+    }
+}
+
 /// What every model family implements.
 pub trait ModelFamily: Sync {
     /// Short name used in plans and messages (`llava`).

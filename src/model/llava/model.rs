@@ -8,7 +8,6 @@ use candle_core::{DType, Device, Module, Tensor};
 use super::family::{canonical_name, is_unused_weight, register_unrun_vision_layers};
 use crate::error::{Error, Result};
 use crate::model::cache::KvCache;
-use crate::model::checkpoint::weight_files;
 use crate::model::clip::ClipVisionTower;
 use crate::model::config::{LlavaConfig, SelectStrategy};
 use crate::model::family::LoadOptions;
@@ -55,25 +54,7 @@ impl LlavaModel {
     /// collect trainable variables.
     pub fn load(dir: &Path, opts: LoadOptions) -> Result<(Self, WeightStore)> {
         let cfg = LlavaConfig::from_file(&dir.join("config.json"))?;
-        let files = weight_files(dir)?;
-        let mut store = WeightStore::open(dir, &files, &opts.device, opts.dtype, canonical_name)?;
-        if let Some(filter) = opts.trainable {
-            store = store.with_trainable(filter);
-        }
-        if let Some(lora) = opts.lora {
-            store = store.with_lora(lora);
-        }
-        if !opts.overrides.is_empty() {
-            store = store.with_overrides(opts.overrides)?;
-        }
-        if !opts.trainable_rows.is_empty() {
-            store = store.with_trainable_rows(
-                opts.trainable_rows
-                    .into_iter()
-                    .map(|r| (r.weight, r.start, r.end))
-                    .collect(),
-            );
-        }
+        let store = opts.open_store(dir, canonical_name)?;
         let model = Self::new(&store, &cfg)?;
         Ok((model, store))
     }

@@ -13,7 +13,6 @@ use super::text::{cross_mask, CrossInputs, MllamaTextModel};
 use super::vision::MllamaVisionModel;
 use crate::error::{Error, Result};
 use crate::model::cache::KvCache;
-use crate::model::checkpoint::weight_files;
 use crate::model::family::LoadOptions;
 use crate::model::layers::{scatter_rows, Linear};
 use crate::model::llama::attention_mask;
@@ -33,25 +32,7 @@ impl MllamaModel {
     /// Load config and weights from a model directory (any supported key layout).
     pub fn load(dir: &Path, opts: LoadOptions) -> Result<(Self, WeightStore)> {
         let cfg = MllamaConfig::from_file(&dir.join("config.json"))?;
-        let files = weight_files(dir)?;
-        let mut store = WeightStore::open(dir, &files, &opts.device, opts.dtype, canonical_name)?;
-        if let Some(filter) = opts.trainable {
-            store = store.with_trainable(filter);
-        }
-        if let Some(lora) = opts.lora {
-            store = store.with_lora(lora);
-        }
-        if !opts.overrides.is_empty() {
-            store = store.with_overrides(opts.overrides)?;
-        }
-        if !opts.trainable_rows.is_empty() {
-            store = store.with_trainable_rows(
-                opts.trainable_rows
-                    .into_iter()
-                    .map(|r| (r.weight, r.start, r.end))
-                    .collect(),
-            );
-        }
+        let store = opts.open_store(dir, canonical_name)?;
         let model = Self::new(&store, &cfg)?;
         Ok((model, store))
     }
