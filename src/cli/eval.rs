@@ -129,6 +129,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         full_weights: full_weights.map(|f| f.display().to_string()),
         dtype: dtype.clone(),
         image_aspect: image_aspect.clone(),
+        max_image_tiles: args.model.max_image_tiles.map(|n| n as usize),
         resume: args.resume,
         quiet: args.quiet,
     };

@@ -24,6 +24,9 @@ pub struct RunInfo {
     pub full_weights_fingerprint: Option<String>,
     pub dtype: String,
     pub image_aspect: String,
+    /// `--max-image-tiles` (tiling processors); absent in `run.json` files written before it.
+    #[serde(default)]
+    pub max_image_tiles: Option<usize>,
 }
 
 pub const RUN_INFO: &str = "run.json";
@@ -90,6 +93,7 @@ impl RunInfo {
             full_weights_fingerprint,
             dtype: opts.dtype.clone(),
             image_aspect: opts.image_aspect.clone(),
+            max_image_tiles: opts.max_image_tiles,
         })
     }
 
@@ -144,6 +148,13 @@ impl RunInfo {
             "image_aspect",
             old.image_aspect.clone(),
             self.image_aspect.clone(),
+        );
+        let tiles =
+            |n: Option<usize>| n.map_or_else(|| "processor default".into(), |n| n.to_string());
+        cmp(
+            "max_image_tiles",
+            tiles(old.max_image_tiles),
+            tiles(self.max_image_tiles),
         );
         out
     }

@@ -294,6 +294,8 @@ pub struct EvalOptions {
     /// Weight dtype and image-aspect mode as named on the command line (`f32`, `pad`, ...).
     pub dtype: String,
     pub image_aspect: String,
+    /// `--max-image-tiles`, if given.
+    pub max_image_tiles: Option<usize>,
     /// Keep predictions already in `predictions.jsonl` and skip their items.
     pub resume: bool,
     /// No progress bar.
