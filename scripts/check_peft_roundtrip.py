@@ -1,20 +1,22 @@
 #!/usr/bin/env python3
 """Check lvlm-ift's PEFT adapter support against HF transformers + PEFT (developer tool).
 
-Not run in CI. Loads a base LLaVA checkpoint (llava-hf layout) with
-``LlavaForConditionalGeneration`` plus a LoRA adapter with ``PeftModel.from_pretrained``,
+Not run in CI. Loads a base checkpoint -- LLaVA (``LlavaForConditionalGeneration``) or
+Llama-3.2-Vision (``MllamaForConditionalGeneration``), through ``AutoModelForImageTextToText`` --
+plus a LoRA adapter with ``PeftModel.from_pretrained``,
 scores a continuation after a chat prompt exactly as HF would, and compares the per-token
 log-probabilities with ``lvlm-ift score --model BASE --adapter ADAPTER ... --json``.
 With ``--merged DIR`` (a full merged checkpoint, e.g. from ``lvlm-ift merge``) it also loads
-that with ``LlavaForConditionalGeneration.from_pretrained`` and compares it with
+that with ``from_pretrained`` and compares it with
 ``lvlm-ift score --model MERGED ...`` (and prints HF merged vs HF base+adapter for reference).
 
 HF side, as in scripts/make_fixtures.py: the processor is ``AutoProcessor.from_pretrained(dir,
-use_fast=False)`` (slow CLIPImageProcessor); the prompt is
+use_fast=False)`` (slow CLIPImageProcessor for LLaVA, MllamaImageProcessor); the prompt is
 ``processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
 {"type": "text", "text": PROMPT}]}], add_generation_prompt=True, tokenize=False)`` then
 ``processor(text=..., images=image)``; the continuation is tokenized on its own with
-``add_special_tokens=False`` and appended; token_logprobs[i] =
+``add_special_tokens=False`` and appended (for Mllama the cross-attention mask's last row is
+repeated for it, as ``generate`` does); token_logprobs[i] =
 log_softmax(logits[L-1+i])[cont[i]]. Eager attention, float32 (or --dtype).
 
 Exit status: 0 when every comparison is within --tol (default 1e-4), 1 when one is not,
@@ -46,7 +48,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: E402
+from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
@@ -58,8 +60,8 @@ def log(msg: str) -> None:
 def load_processor(model_dir: str):
     proc = AutoProcessor.from_pretrained(model_dir, use_fast=False)
     ip = type(proc.image_processor).__name__
-    if ip != "CLIPImageProcessor":
-        log(f"warning: image processor is {ip}, not the slow CLIPImageProcessor")
+    if ip not in ("CLIPImageProcessor", "MllamaImageProcessor"):
+        log(f"warning: image processor is {ip}, not the slow CLIPImageProcessor or MllamaImageProcessor")
     return proc
 
 
@@ -75,16 +77,21 @@ def build_inputs(proc, image_path: str, prompt: str, continuation: str):
     if not cont:
         raise SystemExit("the continuation tokenizes to nothing")
     ids = torch.cat([enc["input_ids"].to(torch.int64), torch.tensor([cont], dtype=torch.int64)], dim=1)
-    return text, ids, enc["pixel_values"], enc["input_ids"].shape[1], cont
+    vision = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    if "cross_attention_mask" in vision:
+        cam = vision["cross_attention_mask"]
+        vision["cross_attention_mask"] = torch.cat([cam] + [cam[:, -1:]] * len(cont), dim=1)
+    return text, ids, vision, enc["input_ids"].shape[1], cont
 
 
 @torch.no_grad()
-def hf_token_logprobs(model, ids, pixel_values, prompt_len, cont, device) -> list[float]:
+def hf_token_logprobs(model, ids, vision, prompt_len, cont, device) -> list[float]:
     dtype = next(model.parameters()).dtype
+    extra = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in vision.items()}
     logits = model(
         input_ids=ids.to(device),
         attention_mask=torch.ones_like(ids).to(device),
-        pixel_values=pixel_values.to(device, dtype),
+        **extra,
     ).logits[0].float()
     lp = torch.log_softmax(logits, dim=-1)
     return [lp[prompt_len - 1 + i, c].item() for i, c in enumerate(cont)]
@@ -129,7 +136,7 @@ def compare(label: str, hf: list[float], cont: list[int], out: dict | None, tol:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--base", required=True, help="base checkpoint directory (llava-hf layout)")
+    ap.add_argument("--base", required=True, help="base checkpoint directory (HF layout)")
     ap.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory")
     ap.add_argument("--merged", help="merged checkpoint directory (optional)")
     ap.add_argument("--image", required=True)
@@ -154,7 +161,7 @@ def main() -> int:
     log(f"chat prompt: {text!r}")
     log(f"prompt tokens: {prompt_len}, continuation ids: {cont}")
 
-    base = LlavaForConditionalGeneration.from_pretrained(args.base, attn_implementation="eager", torch_dtype=dtype)
+    base = AutoModelForImageTextToText.from_pretrained(args.base, attn_implementation="eager", torch_dtype=dtype)
     model = PeftModel.from_pretrained(base, args.adapter).to(args.device).eval()
     hf = hf_token_logprobs(model, ids, pv, prompt_len, cont, args.device)
     log(f"[base+adapter] HF token_logprobs: {[round(x, 6) for x in hf]}  (sum {sum(hf):.6f})")
@@ -168,9 +175,10 @@ def main() -> int:
             log(f"note: no processor in {args.merged} ({type(e).__name__}); using the base's")
             mproc = proc
         mtext, mids, mpv, mlen, mcont = build_inputs(mproc, args.image, args.prompt, args.continuation)
-        if mtext != text or not torch.equal(mids, ids) or not torch.equal(mpv, pv):
+        same = mpv.keys() == pv.keys() and all(torch.equal(mpv[k], pv[k]) for k in pv)
+        if mtext != text or not torch.equal(mids, ids) or not same:
             log("warning: the merged dir's processor gives different inputs than the base's")
-        merged = LlavaForConditionalGeneration.from_pretrained(
+        merged = AutoModelForImageTextToText.from_pretrained(
             args.merged, attn_implementation="eager", torch_dtype=dtype).to(args.device).eval()
         hf_m = hf_token_logprobs(merged, mids, mpv, mlen, mcont, args.device)
         del merged
