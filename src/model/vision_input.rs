@@ -27,7 +27,8 @@ impl VisionInput {
         VisionInput::Pixels(t.clone())
     }
 
-    /// Stack the pictures of a batch (one per sample, all the same kind and size).
+    /// Stack the pictures of a batch (one per sample, all the same kind and size). A batch
+    /// mixing pixel images and tiled ones (two processors fed one batch) is an error.
     pub fn from_processed(images: &[ProcessedImage], device: &Device) -> Result<Self> {
         let Some(first) = images.first() else {
             return Err(Error::Model(
@@ -38,7 +39,9 @@ impl VisionInput {
             ProcessedImage::Pixels(p0) => {
                 let mut data = Vec::with_capacity(images.len() * p0.data.len());
                 for img in images {
-                    let ProcessedImage::Pixels(p) = img;
+                    let ProcessedImage::Pixels(p) = img else {
+                        return Err(mixed_batch());
+                    };
                     if (p.height, p.width) != (p0.height, p0.width) {
                         return Err(Error::Model(format!(
                             "pictures of one batch differ in size: {}x{} and {}x{}",
@@ -50,6 +53,42 @@ impl VisionInput {
                 let t = Tensor::from_vec(data, (images.len(), 3, p0.height, p0.width), device)?;
                 Ok(VisionInput::Pixels(t))
             }
+            ProcessedImage::Tiles(t0) => {
+                let n = images.len();
+                let shape = (t0.max_tiles, t0.tile_height, t0.tile_width);
+                let mut data = Vec::with_capacity(n * t0.data.len());
+                let mut ids = Vec::with_capacity(n);
+                let mut mask = Vec::with_capacity(n * t0.max_tiles);
+                let mut num_tiles = Vec::with_capacity(n);
+                for img in images {
+                    let ProcessedImage::Tiles(t) = img else {
+                        return Err(mixed_batch());
+                    };
+                    if (t.max_tiles, t.tile_height, t.tile_width) != shape {
+                        return Err(Error::Model(format!(
+                            "pictures of one batch differ in tiling: {} tiles of {}x{} and {} \
+                             tiles of {}x{}",
+                            t0.max_tiles,
+                            t0.tile_height,
+                            t0.tile_width,
+                            t.max_tiles,
+                            t.tile_height,
+                            t.tile_width
+                        )));
+                    }
+                    data.extend_from_slice(&t.data);
+                    ids.push(t.aspect_ratio_id);
+                    mask.extend(t.aspect_ratio_mask.iter().map(|&m| u32::from(m)));
+                    num_tiles.push(t.num_tiles);
+                }
+                let (tiles, h, w) = shape;
+                Ok(VisionInput::Tiles {
+                    pixel_values: Tensor::from_vec(data, (n, tiles, 3, h, w), device)?,
+                    aspect_ratio_ids: Tensor::from_vec(ids, n, device)?,
+                    aspect_ratio_mask: Tensor::from_vec(mask, (n, tiles), device)?,
+                    num_tiles,
+                })
+            }
         }
     }
 
@@ -58,6 +97,66 @@ impl VisionInput {
         match self {
             VisionInput::Pixels(t) => Ok(t.dim(0)?),
             VisionInput::Tiles { pixel_values, .. } => Ok(pixel_values.dim(0)?),
+        }
+    }
+}
+
+fn mixed_batch() -> Error {
+    Error::Model(
+        "a batch mixes plain pixel images (CLIP) with tiled ones (Mllama); one model's \
+         processor must make all of them"
+            .into(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::processor::{
+        AspectMode, MllamaImageProcessor, MllamaProcessorConfig, PixelValues,
+    };
+
+    fn tiled(w: u32, h: u32) -> ProcessedImage {
+        let cfg = MllamaProcessorConfig {
+            tile_size: 4,
+            max_image_tiles: 2,
+            ..MllamaProcessorConfig::default()
+        };
+        let p = MllamaImageProcessor::new(cfg, AspectMode::Resize, None).unwrap();
+        ProcessedImage::Tiles(p.preprocess(&image::RgbImage::new(w, h)).unwrap())
+    }
+
+    #[test]
+    fn tiles_stack_with_ids_masks_and_counts() {
+        let batch = [tiled(8, 4), tiled(4, 4)];
+        let VisionInput::Tiles {
+            pixel_values,
+            aspect_ratio_ids,
+            aspect_ratio_mask,
+            num_tiles,
+        } = VisionInput::from_processed(&batch, &Device::Cpu).unwrap()
+        else {
+            panic!("tiles in, tiles out");
+        };
+        assert_eq!(pixel_values.dims(), &[2, 2, 3, 4, 4]);
+        assert_eq!(aspect_ratio_ids.to_vec1::<u32>().unwrap(), vec![2, 1]);
+        assert_eq!(
+            aspect_ratio_mask.to_vec2::<u32>().unwrap(),
+            vec![vec![1, 1], vec![1, 0]]
+        );
+        assert_eq!(num_tiles, vec![2, 1]);
+    }
+
+    #[test]
+    fn a_mixed_batch_is_an_error() {
+        let pixels = ProcessedImage::Pixels(PixelValues {
+            data: vec![0.0; 3 * 4 * 4],
+            height: 4,
+            width: 4,
+        });
+        for batch in [[pixels.clone(), tiled(4, 4)], [tiled(4, 4), pixels]] {
+            let err = VisionInput::from_processed(&batch, &Device::Cpu).unwrap_err();
+            assert!(err.to_string().contains("mixes"), "{err}");
         }
     }
 }

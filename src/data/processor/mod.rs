@@ -17,6 +17,7 @@
 mod config;
 mod dispatch;
 mod filters;
+pub mod mllama;
 mod resample;
 
 use std::path::PathBuf;
@@ -29,6 +30,7 @@ use resample::pil_resize;
 pub use config::{ClipProcessorConfig, ResizeTarget, SizeDict, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD};
 pub use dispatch::{ImageProcessor, ProcessedImage};
 pub use filters::Resample;
+pub use mllama::{flatten_alpha_on_white, MllamaImageProcessor, MllamaProcessorConfig, TiledImage};
 
 /// How a non-square image reaches the processor (recipe `model.image_aspect`, CLI
 /// `--image-aspect`).
