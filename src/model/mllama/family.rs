@@ -7,9 +7,11 @@ use std::path::Path;
 
 use super::config::MllamaConfig;
 use super::MllamaModel;
-use crate::data::processor::ImageProcessor;
+use crate::data::processor::{
+    ImageProcessor, MllamaImageProcessor, MllamaProcessorConfig, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
+};
 use crate::data::prompt::PromptDefaults;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::family::{
     ImageOptions, LinearModule, LoadOptions, ModelFamily, ModelLayout, ModuleGroup, RowSlice,
 };
@@ -88,12 +90,56 @@ impl ModelFamily for MllamaFamily {
     }
 
     fn image_processor(&self, layout: &ModelLayout, opts: &ImageOptions) -> Result<ImageProcessor> {
-        let _ = opts;
-        Err(crate::error::Error::Model(format!(
-            "{}: the Llama-3.2-Vision image processor (MllamaImageProcessor) is not available \
-             in this build yet",
-            layout.dir.display()
-        )))
+        let cfg = MllamaConfig::from_file(&layout.config_path())?;
+        let v = &cfg.vision;
+        let mut pcfg = MllamaProcessorConfig::from_model_dir(&layout.dir)?;
+        if pcfg.source.is_none() {
+            // No processor settings next to config.json (e.g. a bare config for a dry run):
+            // the released checkpoints' settings, sized by config.json.
+            pcfg = MllamaProcessorConfig {
+                tile_size: v.image_size,
+                image_mean: OPENAI_CLIP_MEAN,
+                image_std: OPENAI_CLIP_STD,
+                max_image_tiles: v.max_num_tiles,
+                ..pcfg
+            };
+        }
+        let settings = pcfg
+            .source
+            .clone()
+            .unwrap_or_else(|| layout.dir.join("preprocessor_config.json"));
+        if pcfg.tile_size != v.image_size {
+            return Err(Error::Config {
+                path: settings,
+                key: "size".into(),
+                reason: format!(
+                    "{} px tiles, but the vision encoder of {} takes {} px tiles",
+                    pcfg.tile_size,
+                    layout.config_path().display(),
+                    v.image_size
+                ),
+            });
+        }
+        // Aspect-ratio ids index the grid list of the tile count the processor packs to; the
+        // model's embeddings index its own list, so the two must agree beyond one tile.
+        let tiles = opts.max_tiles.unwrap_or(pcfg.max_image_tiles);
+        if tiles > 1 && tiles != v.max_num_tiles {
+            let reason = format!(
+                "{tiles} tiles: the vision encoder's aspect-ratio ids are those of \
+                 max_num_tiles = {} (use 1 or {})",
+                v.max_num_tiles, v.max_num_tiles
+            );
+            return Err(match opts.max_tiles {
+                Some(_) => Error::Model(format!("max_image_tiles = {tiles}: {reason}")),
+                None => Error::Config {
+                    path: settings,
+                    key: "max_image_tiles".into(),
+                    reason,
+                },
+            });
+        }
+        let processor = MllamaImageProcessor::new(pcfg, opts.aspect, opts.max_tiles)?;
+        Ok(ImageProcessor::Mllama(processor))
     }
 }
 
