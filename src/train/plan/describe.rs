@@ -1,7 +1,7 @@
 //! `--dry-run`: the plan of a stage in words, from the layout alone (no weight is read): what
 //! trains per module group, how long, how much memory, one rendered sample with its loss mask.
 
-use super::{describe_targets, TrainPlan, Trainability};
+use super::{describe_targets, TrainPlan};
 use crate::data::collate::IGNORE_INDEX;
 use crate::error::Result;
 
@@ -35,18 +35,14 @@ impl TrainPlan {
             total_params as f64 * bytes / 1e6,
             self.cfg.model.dtype.as_str()
         ));
-        for (group, how) in self.group_trainability() {
+        for (group, how, trained) in self.group_trainability() {
             let n = layout.group_params(group);
-            let trained = match how {
-                Trainability::Full => by_role.get(group.name).copied().unwrap_or(0),
-                _ => 0,
-            };
             out.push_str(&format!(
                 "group            {:<22} {:>14} params  {}{}\n",
                 group.name,
                 n,
                 how.as_str(),
-                if how == Trainability::Full {
+                if trained > 0 {
                     format!(" ({trained} trainable)")
                 } else {
                     String::new()

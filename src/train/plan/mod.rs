@@ -44,6 +44,9 @@ pub enum Trainability {
     Lora,
     /// Every weight of the group trains.
     Full,
+    /// Some of its weights train in full (through an overlapping group, or a row slice), the
+    /// rest stays frozen.
+    PartlyFull,
 }
 
 impl Trainability {
@@ -52,6 +55,7 @@ impl Trainability {
             Trainability::Frozen => "frozen",
             Trainability::Lora => "lora",
             Trainability::Full => "full",
+            Trainability::PartlyFull => "partly full",
         }
     }
 }
@@ -71,6 +75,7 @@ pub struct TrainPlan {
     pub cfg: TrainConfig,
     pub stage: StageSpec,
     pub layout: ModelLayout,
+    /// The recipe's device, opened (the CPU in a dry-run plan, which never runs).
     pub device: Device,
     /// Every group of `full.groups` (fresh adapters exclude them, whatever the stage trains).
     pub recipe_full_groups: Vec<ModuleGroup>,
@@ -94,26 +99,31 @@ pub struct TrainPlan {
 impl TrainPlan {
     /// Plan `stage` of `cfg`, continuing from the outputs of the stage before it (`previous`).
     pub fn build(cfg: &TrainConfig, stage: &StageSpec, previous: Option<&Path>) -> Result<Self> {
-        Self::build_with(cfg, stage, previous, true)
+        Self::build_with(cfg, stage, previous, false)
     }
 
-    /// [`TrainPlan::build`] for `--dry-run`: a model directory without `tokenizer.json` is
-    /// planned all the same, without the rendered sample.
+    /// [`TrainPlan::build`] for `--dry-run`: the device is not opened (a CUDA recipe is planned
+    /// on a machine without the GPU) and a model directory without `tokenizer.json` is planned
+    /// all the same, without the rendered sample.
     pub fn build_for_dry_run(
         cfg: &TrainConfig,
         stage: &StageSpec,
         previous: Option<&Path>,
     ) -> Result<Self> {
-        Self::build_with(cfg, stage, previous, false)
+        Self::build_with(cfg, stage, previous, true)
     }
 
     fn build_with(
         cfg: &TrainConfig,
         stage: &StageSpec,
         previous: Option<&Path>,
-        need_tokenizer: bool,
+        dry_run: bool,
     ) -> Result<Self> {
-        let device = parse_device(&cfg.model.device)?;
+        let device = if dry_run {
+            Device::Cpu
+        } else {
+            parse_device(&cfg.model.device)?
+        };
         let model_dir = resolve_model(&cfg.model.path)?;
         let layout = layout(&model_dir)?;
         let recipe_full_groups = cfg
@@ -182,7 +192,7 @@ impl TrainPlan {
         if pairs.is_empty() {
             return Err(Error::Model("the training set is empty".into()));
         }
-        let batches = if need_tokenizer || layout.dir.join("tokenizer.json").is_file() {
+        let batches = if !dry_run || layout.dir.join("tokenizer.json").is_file() {
             // Every sample ends with EOS, which must be a row of the model's head (checked there).
             let (template, text) = layout.prompt()?;
             let instruction = match stage.instruction_mode {
@@ -290,15 +300,35 @@ impl TrainPlan {
         self.full_group_of(name)
     }
 
-    /// How each of the family's groups takes part in this stage.
-    pub fn group_trainability(&self) -> Vec<(&ModuleGroup, Trainability)> {
+    /// How each of the family's groups takes part in this stage, with how many of its
+    /// parameters train in full (through it or through another group that overlaps it).
+    pub fn group_trainability(&self) -> Vec<(&ModuleGroup, Trainability, usize)> {
         let lora_trains = self.lora.as_ref().is_some_and(|l| l.trains);
+        let rows = self.trained_row_slices();
         self.layout
             .groups
             .iter()
             .map(|g| {
-                let t = if self.full_groups.iter().any(|f| f.name == g.name) {
+                let whole = self.layout.count_params(|p| {
+                    g.contains(p) && self.trains_in_full(p) && !self.layout.unrun.contains(p)
+                });
+                let sliced: usize = rows
+                    .iter()
+                    .filter(|r| g.contains(&r.weight) || g.rows().contains(r))
+                    .filter_map(|r| {
+                        let shape = self.layout.params.get(&r.weight)?;
+                        Some((r.end - r.start) * shape[1..].iter().product::<usize>())
+                    })
+                    .sum();
+                let trained = whole + sliced;
+                let runnable = self.layout.group_params(g)
+                    - self
+                        .layout
+                        .count_params(|p| g.contains(p) && self.layout.unrun.contains(p));
+                let t = if trained > 0 && trained >= runnable {
                     Trainability::Full
+                } else if trained > 0 {
+                    Trainability::PartlyFull
                 } else if lora_trains
                     && self
                         .lora_modules
@@ -309,7 +339,7 @@ impl TrainPlan {
                 } else {
                     Trainability::Frozen
                 };
-                (g, t)
+                (g, t, trained)
             })
             .collect()
     }
