@@ -132,4 +132,28 @@ fn the_mllama_recipes_plan_the_11b_from_its_config_json_alone() {
         );
         assert!(main.contains("not rendered"), "{main}");
     }
+    // As shipped, `device = "cuda"`: the plan needs no GPU.
+    let o = Command::new(env!("CARGO_BIN_EXE_lvlm-ift"))
+        .args([
+            "train",
+            "--config",
+            "configs/instfree-mllama-wbcatt.toml",
+            "--dry-run",
+        ])
+        .arg("--set")
+        .arg(format!("model.path={}", eleven_b.display()))
+        .arg("--set")
+        .arg(format!(
+            "data.train=[{{ manifest = {:?} }}]",
+            repo()
+                .join("tests/fixtures/pairs/pairs.jsonl")
+                .display()
+                .to_string()
+        ))
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    let plan = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{plan}");
+    assert!(plan.contains("on cuda"), "{plan}");
 }
