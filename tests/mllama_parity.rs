@@ -484,3 +484,40 @@ fn the_11b_shapes_from_config_json_match_transformers_parameter_counts() {
         assert_eq!(Some(&l.group_params(g)), want.get(g.name), "{}", g.name);
     }
 }
+
+#[test]
+fn the_session_scores_and_generates_like_hf_from_image_files() {
+    use lvlm_ift::session::{Prompt, Session, SessionOptions};
+    let e = expected();
+    let session = Session::load(model_dir().to_str().unwrap(), SessionOptions::default()).unwrap();
+    let images = fixtures().join("images");
+    let out = session
+        .score(
+            &images.join("small_20x26.png"),
+            &Prompt::Chat("Describe the image.".into()),
+            " a small red circle<|eot_id|>",
+        )
+        .unwrap();
+    let got = Tensor::new(out.token_logprobs.as_slice(), &Device::Cpu).unwrap();
+    let d = max_abs(&got, &e["score.token_logprobs"]);
+    println!("session score max abs diff {d:e}");
+    assert!(d < 1e-4, "{d}");
+    for (name, file) in [
+        ("small", "small_20x26.png"),
+        ("photo", "photo_67x45.png"),
+        ("gray8", "gray8_33x50.png"),
+    ] {
+        let g = session
+            .generate(
+                &images.join(file),
+                &Prompt::Chat("Describe the image.".into()),
+                8,
+            )
+            .unwrap();
+        assert_eq!(
+            g.token_ids,
+            u32s(&e[&format!("generate.{name}_ids")]),
+            "{name}"
+        );
+    }
+}
