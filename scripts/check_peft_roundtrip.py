@@ -72,7 +72,10 @@ def build_inputs(proc, image_path: str, prompt: str, continuation: str):
         tokenize=False,
     )
     image = Image.open(image_path)
-    enc = proc(text=text, images=image, return_tensors="pt")
+    # A chat template that writes the BOS itself (Llama 3's) must not get a second one.
+    bos = proc.tokenizer.bos_token
+    extra = {"add_special_tokens": False} if bos and text.startswith(bos) else {}
+    enc = proc(text=text, images=image, return_tensors="pt", **extra)
     cont = proc.tokenizer(continuation, add_special_tokens=False).input_ids
     if not cont:
         raise SystemExit("the continuation tokenizes to nothing")
