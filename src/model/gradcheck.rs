@@ -16,7 +16,7 @@ use crate::model::weights::{identity_keys, WeightStore, Weights};
 
 const DEV: Device = Device::Cpu;
 
-fn randn(shape: &[usize], std: f64, rng: &mut rand::rngs::StdRng) -> Tensor {
+pub(crate) fn randn(shape: &[usize], std: f64, rng: &mut rand::rngs::StdRng) -> Tensor {
     let n: usize = shape.iter().product();
     let v: Vec<f64> = (0..n)
         .map(|_| {
@@ -30,7 +30,7 @@ fn randn(shape: &[usize], std: f64, rng: &mut rand::rngs::StdRng) -> Tensor {
 }
 
 /// A trainable f64 weight store from named shapes, random values.
-fn store(shapes: &[(&str, Vec<usize>)], seed: u64) -> (tempfile::TempDir, WeightStore) {
+pub(crate) fn store(shapes: &[(&str, Vec<usize>)], seed: u64) -> (tempfile::TempDir, WeightStore) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let map: HashMap<String, Tensor> = shapes
         .iter()
@@ -47,7 +47,7 @@ fn store(shapes: &[(&str, Vec<usize>)], seed: u64) -> (tempfile::TempDir, Weight
 
 /// Compare backprop gradients of `loss = sum(f() * R)` (R fixed random) with central differences
 /// on up to 12 random elements of every var.
-fn check(vars: &[Var], f: impl Fn() -> Tensor) {
+pub(crate) fn check(vars: &[Var], f: impl Fn() -> Tensor) {
     let out = f();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let r = randn(out.dims(), 1.0, &mut rng);
@@ -98,7 +98,7 @@ fn check(vars: &[Var], f: impl Fn() -> Tensor) {
     }
 }
 
-fn input(shape: &[usize], seed: u64) -> Var {
+pub(crate) fn input(shape: &[usize], seed: u64) -> Var {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     Var::from_tensor(&randn(shape, 1.0, &mut rng)).unwrap()
 }

@@ -290,7 +290,10 @@ pub fn attention(
 ) -> candle_core::Result<Tensor> {
     let scores = (matmul(q, &k.t()?)? * scale)?;
     let scores = match mask {
-        Some(m) => upcast(&scores)?.broadcast_add(m)?,
+        Some(m) => {
+            let s = upcast(&scores)?;
+            s.broadcast_add(&m.to_dtype(s.dtype())?)?
+        }
         None => scores,
     };
     let probs = softmax_last(&scores)?.to_dtype(v.dtype())?;

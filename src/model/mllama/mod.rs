@@ -5,6 +5,8 @@
 
 mod config;
 mod family;
+#[cfg(test)]
+mod gradcheck;
 mod model;
 mod text;
 mod vision;

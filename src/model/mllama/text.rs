@@ -216,7 +216,8 @@ impl MllamaTextModel {
         self.layers.len() - self.num_self_layers()
     }
 
-    /// Decoder on input embeddings `[b, s, h]` → f32 logits `[b, s, vocab]`. `positions`:
+    /// Decoder on input embeddings `[b, s, h]` → f32 (f64 for an f64 model) logits
+    /// `[b, s, vocab]`. `positions`:
     /// `[b, s]` u32; `mask`: additive `[b, 1, s, s_kv]`. Without `cross` (and nothing cached),
     /// the cross-attention layers are skipped, as HF does for text-only input.
     pub fn forward_embeds(
@@ -250,7 +251,12 @@ impl MllamaTextModel {
             c.advance(s);
         }
         let x = self.norm.forward(&x)?;
-        self.lm_head.forward(&x)?.to_dtype(DType::F32)
+        let logits = self.lm_head.forward(&x)?;
+        // f32 logits, as HF upcasts them; a model held in f64 (gradient checks) stays f64.
+        match logits.dtype() {
+            DType::F64 => Ok(logits),
+            _ => logits.to_dtype(DType::F32),
+        }
     }
 }
 
