@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::adapter::{check_adapter_fits, read_adapter};
-use crate::data::image::load_rgb;
 use crate::data::processor::{AspectMode, ImageProcessor};
 use crate::data::prompt::{ChatTemplate, TextProcessor};
 use crate::error::{Error, Result};
@@ -151,7 +150,7 @@ impl Session {
 
     /// The model's vision input for one image file.
     pub fn vision_input(&self, image: &Path) -> Result<VisionInput> {
-        let rgb = load_rgb(image)?;
+        let rgb = self.processor.load(image)?;
         let processed = self.processor.preprocess(&rgb)?;
         VisionInput::from_processed(&[processed], &self.device)
     }

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use crate::data::collate::{pad_batch, Instruction, SampleEncoder, TextBatch};
-use crate::data::image::load_rgb;
 use crate::data::pairs::Pair;
 use crate::data::processor::{ImageProcessor, ProcessedImage};
 use crate::data::prompt::{ChatTemplate, TextProcessor};
@@ -86,7 +85,7 @@ impl BatchMaker {
                 truncated.push((pair.source.clone(), e.truncated));
             }
             texts.push(e);
-            let img = load_rgb(&pair.image)?;
+            let img = self.processor.load(&pair.image)?;
             images.push(self.processor.preprocess(&img)?);
         }
         let pad = self

@@ -110,7 +110,7 @@ fn image_error(path: impl Into<PathBuf>, err: image::ImageError) -> Error {
 }
 
 /// Converts any decoded pixel format to RGB8 with the rules documented on [`load_rgb`].
-fn to_rgb8(img: DynamicImage) -> RgbImage {
+pub fn to_rgb8(img: DynamicImage) -> RgbImage {
     match img {
         DynamicImage::ImageRgb8(rgb) => rgb,
         DynamicImage::ImageRgba8(buf) => map_pixels(&buf, |p| p.to_rgb().0),

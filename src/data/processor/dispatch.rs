@@ -1,9 +1,14 @@
 //! The image processor a model family picks (see `model::family`), behind one type, so batches,
 //! sessions and the evaluator never name a family's processor.
 
+use std::path::Path;
+
 use image::RgbImage;
 
-use super::{ClipImageProcessor, MllamaImageProcessor, PixelValues, TiledImage};
+use super::{
+    flatten_alpha_on_white, ClipImageProcessor, MllamaImageProcessor, PixelValues, TiledImage,
+};
+use crate::data::image::{load_dynamic, load_rgb, to_rgb8};
 use crate::error::Result;
 
 /// One family's image processor, configured from the model directory.
@@ -25,6 +30,26 @@ pub enum ProcessedImage {
 }
 
 impl ImageProcessor {
+    /// Decode an image file into the RGB picture this processor's HF counterpart sees: for
+    /// CLIP alpha is dropped (PIL's `convert("RGB")`); Mllama's `convert_to_rgb` composites
+    /// transparent pixels on white. Everything else follows [`load_rgb`].
+    pub fn load(&self, path: &Path) -> Result<RgbImage> {
+        let dicom = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("dcm"));
+        match self {
+            ImageProcessor::Mllama(_) if !dicom => {
+                let img = load_dynamic(path)?;
+                Ok(if img.color().has_alpha() {
+                    flatten_alpha_on_white(&img.to_rgba8())
+                } else {
+                    to_rgb8(img)
+                })
+            }
+            _ => load_rgb(path),
+        }
+    }
+
     pub fn preprocess(&self, img: &RgbImage) -> Result<ProcessedImage> {
         match self {
             ImageProcessor::Clip(p) => Ok(ProcessedImage::Pixels(p.preprocess(img)?)),
@@ -55,7 +80,7 @@ impl ImageProcessor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::processor::{AspectMode, MllamaProcessorConfig};
+    use crate::data::processor::{AspectMode, ClipProcessorConfig, MllamaProcessorConfig};
 
     #[test]
     fn mllama_variant_tiles_and_describes_itself() {
@@ -77,6 +102,27 @@ mod tests {
         assert_eq!(
             (t.num_tiles, t.max_tiles, t.data.len()),
             (1, 1, 3 * 28 * 28)
+        );
+    }
+
+    #[test]
+    fn transparent_pixels_are_dropped_for_clip_and_white_for_mllama() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.png");
+        image::RgbaImage::from_pixel(2, 2, image::Rgba([10, 20, 30, 0]))
+            .save(&path)
+            .unwrap();
+        let clip = ImageProcessor::Clip(
+            ClipImageProcessor::new(ClipProcessorConfig::default(), AspectMode::Resize).unwrap(),
+        );
+        let mllama = ImageProcessor::Mllama(
+            MllamaImageProcessor::new(MllamaProcessorConfig::default(), AspectMode::Resize, None)
+                .unwrap(),
+        );
+        assert_eq!(clip.load(&path).unwrap().get_pixel(0, 0).0, [10, 20, 30]);
+        assert_eq!(
+            mllama.load(&path).unwrap().get_pixel(0, 0).0,
+            [255, 255, 255]
         );
     }
 }
