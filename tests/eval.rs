@@ -325,3 +325,38 @@ fn wilson_interval_known_values() {
     let (lo, hi) = wilson_interval(50, 100, Z95);
     assert!((lo - 0.4038).abs() < 1e-3 && (hi - 0.5962).abs() < 1e-3);
 }
+
+#[test]
+fn eval_runs_every_scoring_on_llama_3_2_vision() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path();
+    write_items(data, "test");
+    let data_s = data.to_string_lossy().into_owned();
+    let model = fixtures()
+        .join("tiny-mllama")
+        .to_string_lossy()
+        .into_owned();
+    for scoring in ["generate", "likelihood", "likelihood-text"] {
+        let out = data.join(format!("mllama-{scoring}"));
+        eval(&[
+            "--benchmark",
+            "wbcatt",
+            "--data",
+            &data_s,
+            "--model",
+            &model,
+            "--image-aspect",
+            "squash",
+            "--max-image-tiles",
+            "1",
+            "--scoring",
+            scoring,
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+        ]);
+        check_report(&out, scoring, 4);
+        let run = read_json(out.join("run.json"));
+        assert_eq!(run["max_image_tiles"], 1, "{run}");
+    }
+}
