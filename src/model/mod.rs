@@ -39,6 +39,40 @@ pub struct Injection {
     pub rows: Tensor,
 }
 
+impl Injection {
+    /// `embeds: [b, s, hidden]` with the rows in place (gradients reach `rows`).
+    pub fn apply(&self, embeds: &Tensor) -> Result<Tensor> {
+        let (b, s, h) = embeds.dims3()?;
+        if self.rows.dims() != [self.positions.len(), h] {
+            return Err(Error::Model(format!(
+                "injected rows have shape {:?}, expected [{}, {h}]",
+                self.rows.dims(),
+                self.positions.len()
+            )));
+        }
+        let flat = embeds.reshape((b * s, h))?;
+        Ok(layers::scatter_rows(&flat, &self.rows, &self.positions)?.reshape((b, s, h))?)
+    }
+}
+
+/// `attention_mask: [b, s]` (1 = token, 0 = padding) as rows of booleans; all valid when absent.
+pub fn valid_rows(attention_mask: Option<&Tensor>, b: usize, s: usize) -> Result<Vec<Vec<bool>>> {
+    let Some(m) = attention_mask else {
+        return Ok(vec![vec![true; s]; b]);
+    };
+    if m.dims() != [b, s] {
+        return Err(Error::Model(format!(
+            "attention mask has shape {:?}, expected [{b}, {s}]",
+            m.dims()
+        )));
+    }
+    Ok(m.to_dtype(candle_core::DType::U32)?
+        .to_vec2::<u32>()?
+        .into_iter()
+        .map(|r| r.into_iter().map(|v| v != 0).collect())
+        .collect())
+}
+
 /// What every vision-language model family offers the rest of the crate.
 pub trait VisionLanguageModel {
     /// Projected image features `[n_images, num_image_tokens, hidden]`.

@@ -14,7 +14,7 @@ use crate::model::family::LoadOptions;
 use crate::model::layers::{scatter_rows, Linear};
 use crate::model::llama::{attention_mask, position_ids, LlamaForCausalLm};
 use crate::model::weights::{WeightStore, Weights};
-use crate::model::{Injection, VisionInput, VisionLanguageModel};
+use crate::model::{valid_rows, Injection, VisionInput, VisionLanguageModel};
 
 /// `linear_2(gelu(linear_1(x)))`, erf GELU as torch's default.
 #[derive(Debug, Clone)]
@@ -121,19 +121,10 @@ impl LlavaModel {
         inject: Option<&Injection>,
     ) -> Result<Tensor> {
         let embeds = self.token_and_image_embeds(input_ids, vision)?;
-        let Some(inj) = inject else {
-            return Ok(embeds);
-        };
-        let (b, s, h) = embeds.dims3()?;
-        if inj.rows.dims() != [inj.positions.len(), h] {
-            return Err(Error::Model(format!(
-                "injected rows have shape {:?}, expected [{}, {h}]",
-                inj.rows.dims(),
-                inj.positions.len()
-            )));
+        match inject {
+            Some(inj) => inj.apply(&embeds),
+            None => Ok(embeds),
         }
-        let flat = embeds.reshape((b * s, h))?;
-        Ok(scatter_rows(&flat, &inj.rows, &inj.positions)?.reshape((b, s, h))?)
     }
 
     /// Plain token embeddings `[b, s, h]`; the image token may sit past the embedding table
@@ -197,30 +188,6 @@ impl LlavaModel {
         let feats = features.reshape((n * t, hidden))?;
         Ok(scatter_rows(&flat, &feats, &positions)?.reshape((b, s, hidden))?)
     }
-
-    fn valid_rows(
-        &self,
-        attention_mask: Option<&Tensor>,
-        b: usize,
-        s: usize,
-    ) -> Result<Vec<Vec<bool>>> {
-        match attention_mask {
-            None => Ok(vec![vec![true; s]; b]),
-            Some(m) => {
-                if m.dims() != [b, s] {
-                    return Err(Error::Model(format!(
-                        "attention mask has shape {:?}, expected [{b}, {s}]",
-                        m.dims()
-                    )));
-                }
-                let rows = m.to_dtype(DType::U32)?.to_vec2::<u32>()?;
-                Ok(rows
-                    .into_iter()
-                    .map(|r| r.into_iter().map(|v| v != 0).collect())
-                    .collect())
-            }
-        }
-    }
 }
 
 impl VisionLanguageModel for LlavaModel {
@@ -274,7 +241,7 @@ impl VisionLanguageModel for LlavaModel {
     ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
         let embeds = self.input_embeds(input_ids, vision, inject)?;
-        let valid = self.valid_rows(attention_mask, b, s)?;
+        let valid = valid_rows(attention_mask, b, s)?;
         let positions = position_ids(&valid, 0, &self.device)?;
         let mask = attention_mask_if_needed(&valid, &self.device)?;
         Ok(self

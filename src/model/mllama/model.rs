@@ -14,10 +14,10 @@ use super::vision::MllamaVisionModel;
 use crate::error::{Error, Result};
 use crate::model::cache::KvCache;
 use crate::model::family::LoadOptions;
-use crate::model::layers::{scatter_rows, Linear};
+use crate::model::layers::Linear;
 use crate::model::llama::attention_mask;
 use crate::model::weights::{WeightStore, Weights};
-use crate::model::{Injection, VisionInput, VisionLanguageModel};
+use crate::model::{valid_rows, Injection, VisionInput, VisionLanguageModel};
 
 #[derive(Debug, Clone)]
 pub struct MllamaModel {
@@ -83,19 +83,10 @@ impl MllamaModel {
         }
         let ids = Tensor::from_vec(id_rows.concat(), (b, s), &self.device)?;
         let embeds = self.text.embed(&ids)?;
-        let Some(inj) = inject else {
-            return Ok(embeds);
-        };
-        let h = self.cfg.text.hidden_size;
-        if inj.rows.dims() != [inj.positions.len(), h] {
-            return Err(Error::Model(format!(
-                "injected rows have shape {:?}, expected [{}, {h}]",
-                inj.rows.dims(),
-                inj.positions.len()
-            )));
+        match inject {
+            Some(inj) => inj.apply(&embeds),
+            None => Ok(embeds),
         }
-        let flat = embeds.reshape((b * s, h))?;
-        Ok(scatter_rows(&flat, &inj.rows, &inj.positions)?.reshape((b, s, h))?)
     }
 
     /// The cross-attention inputs of a prompt: image features, and which rows see the image
@@ -357,24 +348,4 @@ fn reject_image_tokens(rows: &[Vec<u32>], image_id: u32) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// `attention_mask: [b, s]` (1 = token) as rows of booleans; all valid when absent.
-fn valid_rows(attention_mask: Option<&Tensor>, b: usize, s: usize) -> Result<Vec<Vec<bool>>> {
-    match attention_mask {
-        None => Ok(vec![vec![true; s]; b]),
-        Some(m) => {
-            if m.dims() != [b, s] {
-                return Err(Error::Model(format!(
-                    "attention mask has shape {:?}, expected [{b}, {s}]",
-                    m.dims()
-                )));
-            }
-            Ok(m.to_dtype(DType::U32)?
-                .to_vec2::<u32>()?
-                .into_iter()
-                .map(|r| r.into_iter().map(|v| v != 0).collect())
-                .collect())
-        }
-    }
 }
