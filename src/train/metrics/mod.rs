@@ -49,6 +49,10 @@ pub struct StepMetrics {
     pub tokens_per_sec: f64,
     #[serde(with = "finite_or_null")]
     pub elapsed_sec: f64,
+    /// Wall seconds of this step alone (data wait, forward, backward, optimizer; not the
+    /// checkpoint written after it): what benchmarks take their median of.
+    #[serde(default)]
+    pub step_sec: f64,
     /// Seconds the step waited for its data (prefetching should keep this near zero).
     #[serde(default)]
     pub data_wait_sec: f64,

@@ -11,6 +11,7 @@ fn m(stage: &str, step: u64, loss: f64) -> StepMetrics {
         grad_norm: 0.5,
         tokens_per_sec: 1234.5,
         elapsed_sec: step as f64,
+        step_sec: 1.0,
         data_wait_sec: 0.0,
         skipped_nonfinite: 0,
     }
