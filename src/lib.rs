@@ -12,6 +12,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod malloc_tuning;
 pub mod method;
 pub mod model;
 pub mod plot;

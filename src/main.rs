@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    lvlm_ift::malloc_tuning::apply();
     match lvlm_ift::cli::run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
