@@ -122,12 +122,13 @@ mod tests {
         fn image_token_id(&self) -> u32 {
             7
         }
-        fn forward_injected(
+        fn forward_rows(
             &self,
             _: &Tensor,
             _: Option<&VisionInput>,
             _: Option<&Tensor>,
             _: Option<&Injection>,
+            _: crate::model::LogitRows<'_>,
         ) -> Result<Tensor> {
             Err(Error::Model("not used".into()))
         }

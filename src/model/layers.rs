@@ -1,8 +1,15 @@
-//! Differentiable building blocks. Every op here has a backward pass in candle 0.11: we avoid the
-//! fused kernels that silently cut gradients (`softmax_last_dim`, `rms_norm`, `layer_norm`,
-//! `rotary_emb::*`; see ../shared/design/CANDLE.md) and compute norms in f32 like HF does.
+//! Differentiable building blocks. Every op here has a backward pass in candle 0.11: on the CPU the
+//! norms, attention, SwiGLU, RoPE and frozen-weight products run as the fused kernels of
+//! [`crate::model::kernels`] (hand-written backward passes, checked against the composed ops); on
+//! other devices they are composed from elementary ops, avoiding the fused candle kernels that
+//! silently cut gradients (`softmax_last_dim`, `rms_norm`, `layer_norm`, `rotary_emb::*`; see
+//! ../shared/design/CANDLE.md). Norms compute in f32 like HF does.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor, D};
+
+use crate::model::kernels::{
+    self, AttentionOp, FrozenLinearOp, LayerNormOp, RmsNormOp, RopeOp, SiluMulOp,
+};
 
 use crate::error::Result;
 use crate::model::lora::LoraAdapter;
@@ -47,6 +54,18 @@ impl Linear {
     /// matmul backward would also materialise a weight-sized gradient for every frozen weight
     /// (../shared/design/CANDLE.md, "Memory: frozen weights").
     fn base_product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if !self.weight.track_op() && kernels::fused_for(&[x, &self.weight]) {
+            let x = x.contiguous()?;
+            return if x.track_op() {
+                x.apply_op1(FrozenLinearOp {
+                    weight: self.weight.clone(),
+                })
+            } else {
+                x.apply_op1_no_bwd(&FrozenLinearOp {
+                    weight: self.weight.clone(),
+                })
+            };
+        }
         let w_t = self.weight.t()?;
         if self.weight.is_variable() || !x.track_op() {
             return matmul(x, &w_t);
@@ -115,8 +134,9 @@ impl Module for Linear {
         } else {
             x.clone()
         };
+        // Every leading dimension folds into the rows of one product.
         let flat = match x.dims() {
-            [b, s, i] => x.reshape((b * s, *i))?,
+            [_, _, _, ..] => x.flatten_to(x.rank() - 2)?,
             _ => x.clone(),
         };
         let mut y = self.base_product(&flat)?;
@@ -130,7 +150,11 @@ impl Module for Linear {
             y = (y + delta)?;
         }
         match x.dims() {
-            [b, s, _] => y.reshape((*b, *s, ())),
+            [lead @ .., _] if lead.len() >= 2 => {
+                let mut dims = lead.to_vec();
+                dims.push(y.dim(1)?);
+                y.reshape(dims)
+            }
             _ => Ok(y),
         }
     }
@@ -157,6 +181,11 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
+    /// From tensors (weight and bias `[dim]`).
+    pub fn from_weights(weight: Tensor, bias: Tensor, eps: f64) -> Self {
+        Self { weight, bias, eps }
+    }
+
     pub fn new(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self {
             weight: w.get("weight", &[dim])?,
@@ -168,6 +197,20 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if kernels::fused_for(&[x, &self.weight, &self.bias]) {
+            return x.contiguous()?.apply_op3(
+                &self.weight.contiguous()?,
+                &self.bias.contiguous()?,
+                LayerNormOp { eps: self.eps },
+            );
+        }
+        self.forward_composed(x)
+    }
+}
+
+impl LayerNorm {
+    /// The elementary-op version (other devices; the reference the fused kernel is checked against).
+    pub fn forward_composed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
         let x = upcast(x)?;
         let mean = x.mean_keepdim(D::Minus1)?;
@@ -189,6 +232,11 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
+    /// From a weight tensor `[dim]`.
+    pub fn from_weight(weight: Tensor, eps: f64) -> Self {
+        Self { weight, eps }
+    }
+
     pub fn new(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self {
             weight: w.get("weight", &[dim])?,
@@ -199,6 +247,18 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if kernels::fused_for(&[x, &self.weight]) {
+            return x
+                .contiguous()?
+                .apply_op2(&self.weight.contiguous()?, RmsNormOp { eps: self.eps });
+        }
+        self.forward_composed(x)
+    }
+}
+
+impl RmsNorm {
+    /// The elementary-op version (other devices; the reference the fused kernel is checked against).
+    pub fn forward_composed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
         let xf = upcast(x)?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
@@ -279,8 +339,9 @@ pub fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
     candle_nn::ops::softmax(&upcast(x)?, D::Minus1)?.to_dtype(dtype)
 }
 
-/// Scaled dot-product attention on `[b, h, s, d]` tensors with an optional additive mask
-/// broadcastable to `[b, h, s_q, s_kv]`; softmax in f32 as HF's eager path does.
+/// Scaled dot-product attention on `q: [b, h, s, d]`, `k, v: [b, h_kv, s_kv, d]` (grouped-query
+/// heads: `h` a multiple of `h_kv`, each KV head serving `h / h_kv` query heads) with an optional
+/// additive mask broadcastable to `[b, h, s_q, s_kv]`; softmax in f32 as HF's eager path does.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -288,6 +349,31 @@ pub fn attention(
     mask: Option<&Tensor>,
     scale: f64,
 ) -> candle_core::Result<Tensor> {
+    let mut operands = vec![q, k, v];
+    operands.extend(mask);
+    if kernels::fused_for(&operands) {
+        let op = AttentionOp {
+            scale,
+            mask: mask.map(|m| m.to_dtype(DType::F32)).transpose()?,
+        };
+        return q
+            .contiguous()?
+            .apply_op3(&k.contiguous()?, &v.contiguous()?, op);
+    }
+    attention_composed(q, k, v, mask, scale)
+}
+
+/// [`attention`] from elementary ops (other devices, and the fused kernel's reference).
+pub fn attention_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let n_rep = q.dim(1)? / k.dim(1)?;
+    let k = repeat_kv(k, n_rep)?.contiguous()?;
+    let v = repeat_kv(v, n_rep)?.contiguous()?;
     let scores = (matmul(q, &k.t()?)? * scale)?;
     let scores = match mask {
         Some(m) => {
@@ -297,7 +383,15 @@ pub fn attention(
         None => scores,
     };
     let probs = softmax_last(&scores)?.to_dtype(v.dtype())?;
-    matmul(&probs, v)
+    matmul(&probs, &v)
+}
+
+/// SwiGLU's `silu(gate) * up`, fused on the CPU.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    if kernels::fused_for(&[gate, up]) {
+        return gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMulOp);
+    }
+    gate.silu()? * up
 }
 
 /// `[b, kv_heads, s, d]` → `[b, kv_heads * n_rep, s, d]` (GQA), by concatenation so it has a backward.
@@ -375,19 +469,27 @@ impl Rope {
         } else {
             (&self.cos, &self.sin)
         };
-        let cos = cos_table
-            .index_select(&flat, 0)?
-            .reshape((b, 1, s, d))?
-            .to_dtype(x.dtype())?;
-        let sin = sin_table
-            .index_select(&flat, 0)?
-            .reshape((b, 1, s, d))?
-            .to_dtype(x.dtype())?;
-        let x1 = x.narrow(3, 0, d / 2)?;
-        let x2 = x.narrow(3, d / 2, d / 2)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
-        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+        let cos = cos_table.index_select(&flat, 0)?.reshape((b, 1, s, d))?;
+        let sin = sin_table.index_select(&flat, 0)?.reshape((b, 1, s, d))?;
+        if kernels::fused_for(&[x]) {
+            let op = RopeOp {
+                cos: cos.reshape((b, s, d))?,
+                sin: sin.reshape((b, s, d))?,
+            };
+            return x.contiguous()?.apply_op1(op);
+        }
+        rope_composed(x, &cos, &sin)
     }
+}
+
+/// `x cos + rotate_half(x) sin` from elementary ops, tables `[b, 1, s, d]` (cast to x's dtype).
+pub fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let d = x.dim(3)?;
+    let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+    let x1 = x.narrow(3, 0, d / 2)?;
+    let x2 = x.narrow(3, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
+    x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
 }
 
 /// Replace rows of `base: [n, h]` at `positions` (sorted or not) by the rows of `rows: [m, h]`,

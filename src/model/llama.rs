@@ -6,8 +6,9 @@ use candle_core::{DType, Device, Module, Tensor};
 use crate::error::Result;
 use crate::model::cache::{KvCache, LayerCache};
 use crate::model::config::{RopeKind, TextConfig};
-use crate::model::layers::{attention, repeat_kv, Embedding, Linear, RmsNorm, Rope};
+use crate::model::layers::{attention, silu_mul, Embedding, Linear, RmsNorm, Rope};
 use crate::model::weights::Weights;
+use crate::model::LogitRows;
 
 /// Self-attention with RoPE and grouped-query heads.
 #[derive(Debug, Clone)]
@@ -56,9 +57,6 @@ impl Attention {
         if let Some(cache) = cache {
             (k, v) = cache.append(k, v)?;
         }
-        let n_rep = self.heads / self.kv_heads;
-        let k = repeat_kv(&k, n_rep)?.contiguous()?;
-        let v = repeat_kv(&v, n_rep)?.contiguous()?;
         let scale = (self.head_dim as f64).powf(-0.5);
         let out = attention(&q, &k, &v, mask, scale)?;
         let out = out.transpose(1, 2)?.reshape((b, s, ()))?;
@@ -87,8 +85,8 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let act = silu_mul(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&act)
     }
 }
 
@@ -187,14 +185,16 @@ impl LlamaForCausalLm {
         self.embed_tokens.weight.dtype()
     }
 
-    /// Run the decoder on input embeddings `[b, s, h]`; returns f32 logits `[b, s, vocab]`.
-    /// `positions`: `[b, s]` u32. `mask`: additive `[b, 1, s, s_kv]` (see [`attention_mask`]).
+    /// Run the decoder on input embeddings `[b, s, h]`; returns f32 logits at `rows`
+    /// (`[b, s, vocab]` for all of them). `positions`: `[b, s]` u32. `mask`: additive
+    /// `[b, 1, s, s_kv]` (see [`attention_mask`]).
     pub fn forward_embeds(
         &self,
         embeds: &Tensor,
         positions: &Tensor,
         mask: Option<&Tensor>,
         mut cache: Option<&mut KvCache>,
+        rows: LogitRows<'_>,
     ) -> candle_core::Result<Tensor> {
         let (_, s, _) = embeds.dims3()?;
         let mut x = embeds.clone();
@@ -205,7 +205,7 @@ impl LlamaForCausalLm {
         if let Some(c) = cache {
             c.advance(s);
         }
-        let x = self.norm.forward(&x)?;
+        let x = self.norm.forward(&rows.select(&x)?)?;
         self.lm_head.forward(&x)?.to_dtype(DType::F32)
     }
 }

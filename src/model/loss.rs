@@ -1,11 +1,94 @@
 //! Causal-LM cross-entropy with HF semantics: logits at position p predict label p+1, labels of
 //! -100 are ignored, the loss is the mean over the remaining tokens of the whole batch.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{Error, Result};
 
 pub use crate::data::collate::IGNORE_INDEX;
+
+/// The positions of a batch whose next token carries a label, and those labels: the only rows at
+/// which the LM head and the cross-entropy need to run (the prompt, the image tokens and the
+/// padding carry none).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LossRows {
+    /// Flat positions `batch * s + p` (u32), in order.
+    pub rows: Vec<u32>,
+    /// The label each row predicts (the token at `p + 1`).
+    pub targets: Vec<u32>,
+}
+
+impl LossRows {
+    /// From labels `[b][s]` (-100 = ignored): position `p` predicts label `p + 1`, HF's shift.
+    pub fn from_labels(labels: &[Vec<i64>], vocab: usize) -> Result<Self> {
+        let s = labels.first().map_or(0, Vec::len);
+        if s < 2 {
+            return Err(Error::Model(
+                "sequences of length < 2 have no next-token labels".into(),
+            ));
+        }
+        let (mut rows, mut targets) = (Vec::new(), Vec::new());
+        for (bi, row) in labels.iter().enumerate() {
+            if row.len() != s {
+                return Err(Error::Model(format!(
+                    "label rows differ in length: {} and {s}",
+                    row.len()
+                )));
+            }
+            for (p, &t) in row.iter().enumerate().skip(1) {
+                if t == IGNORE_INDEX {
+                    continue;
+                }
+                if t < 0 || t as usize >= vocab {
+                    return Err(Error::Model(format!(
+                        "label {t} is outside the vocabulary of {vocab}"
+                    )));
+                }
+                rows.push((bi * s + p - 1) as u32);
+                targets.push(t as u32);
+            }
+        }
+        if rows.is_empty() {
+            return Err(Error::Model(
+                "the batch has no label tokens (all -100)".into(),
+            ));
+        }
+        Ok(Self { rows, targets })
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The rows as a u32 tensor, for [`crate::model::LogitRows::Flat`].
+    pub fn index(&self, device: &Device) -> Result<Tensor> {
+        Ok(Tensor::from_slice(&self.rows, self.rows.len(), device)?)
+    }
+
+    /// Mean negative log-likelihood of the targets under `logits: [n, vocab]` (the logits at
+    /// [`LossRows::rows`], any float dtype, computed in f32).
+    pub fn loss(&self, logits: &Tensor) -> Result<Tensor> {
+        let (n, _) = logits.dims2()?;
+        if n != self.rows.len() {
+            return Err(Error::Model(format!(
+                "{n} logit rows for {} loss positions",
+                self.rows.len()
+            )));
+        }
+        let logits = match logits.dtype() {
+            DType::F64 => logits.clone(),
+            _ => logits.to_dtype(DType::F32)?,
+        };
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let index = Tensor::from_slice(&self.targets, (n, 1), logits.device())?;
+        let picked = logp.gather(&index, 1)?;
+        Ok((picked.sum_all()?.neg()? / n as f64)?)
+    }
+}
 
 /// Returns `(mean loss, number of label tokens)`. `logits: [b, s, vocab]` (any float dtype,
 /// computed in f32), `labels: [b, s]` i64 with -100 for ignored positions.
@@ -18,47 +101,12 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize
             logits.dims()
         )));
     }
-    if s < 2 {
-        return Err(Error::Model(
-            "sequences of length < 2 have no next-token labels".into(),
-        ));
-    }
-    let logits = logits.narrow(1, 0, s - 1)?.reshape((b * (s - 1), v))?;
-    let targets = labels
-        .narrow(1, 1, s - 1)?
-        .flatten_all()?
-        .to_dtype(DType::I64)?
-        .to_vec1::<i64>()?;
-    let mut valid = Vec::with_capacity(targets.len());
-    let mut index = Vec::with_capacity(targets.len());
-    for &t in &targets {
-        if t == IGNORE_INDEX {
-            valid.push(0f32);
-            index.push(0u32);
-        } else if t < 0 || t as usize >= v {
-            return Err(Error::Model(format!(
-                "label {t} is outside the vocabulary of {v}"
-            )));
-        } else {
-            valid.push(1f32);
-            index.push(t as u32);
-        }
-    }
-    let count = valid.iter().filter(|&&m| m > 0.0).count();
-    if count == 0 {
-        return Err(Error::Model(
-            "the batch has no label tokens (all -100)".into(),
-        ));
-    }
-    let dev = logits.device();
-    let n = index.len();
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
-    let picked = logp
-        .gather(&Tensor::from_vec(index, (n, 1), dev)?, 1)?
-        .squeeze(1)?;
-    let mask = Tensor::from_vec(valid, n, dev)?;
-    let loss = ((picked * mask)?.sum_all()?.neg()? / count as f64)?;
-    Ok((loss, count))
+    let host = labels.to_dtype(DType::I64)?.to_vec2::<i64>()?;
+    let rows = LossRows::from_labels(&host, v)?;
+    let picked = logits
+        .reshape((b * s, v))?
+        .index_select(&rows.index(logits.device())?, 0)?;
+    Ok((rows.loss(&picked)?, rows.len()))
 }
 
 #[cfg(test)]

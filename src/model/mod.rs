@@ -12,6 +12,7 @@ pub mod family;
 pub mod generate;
 #[cfg(test)]
 mod gradcheck;
+pub mod kernels;
 pub mod layers;
 pub mod llama;
 pub mod llava;
@@ -73,6 +74,32 @@ pub fn valid_rows(attention_mask: Option<&Tensor>, b: usize, s: usize) -> Result
         .collect())
 }
 
+/// Which positions of a `[b, s]` sequence get logits: the LM head (`hidden × vocab` per row) is the
+/// largest single product of a small model's step, and training needs it only where a label
+/// follows, generation only at the last position.
+#[derive(Debug, Clone, Copy)]
+pub enum LogitRows<'a> {
+    /// Every position: `[b, s, vocab]`.
+    All,
+    /// The last position of each sequence: `[b, vocab]`.
+    Last,
+    /// The given flat positions (`i = batch * s + position`, u32): `[n, vocab]`.
+    Flat(&'a Tensor),
+}
+
+impl LogitRows<'_> {
+    /// `hidden: [b, s, h]` narrowed to the selected rows (before the final norm and the head,
+    /// which act row by row).
+    pub fn select(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, s, h) = hidden.dims3()?;
+        match self {
+            LogitRows::All => Ok(hidden.clone()),
+            LogitRows::Last => hidden.narrow(1, s - 1, 1)?.squeeze(1),
+            LogitRows::Flat(idx) => hidden.reshape((b * s, h))?.index_select(idx, 0),
+        }
+    }
+}
+
 /// What every vision-language model family offers the rest of the crate.
 pub trait VisionLanguageModel {
     /// Projected image features `[n_images, num_image_tokens, hidden]`.
@@ -97,6 +124,18 @@ pub trait VisionLanguageModel {
         vision: Option<&VisionInput>,
         attention_mask: Option<&Tensor>,
         inject: Option<&Injection>,
+    ) -> Result<Tensor> {
+        self.forward_rows(input_ids, vision, attention_mask, inject, LogitRows::All)
+    }
+    /// [`VisionLanguageModel::forward_injected`] with logits only at `rows` (see [`LogitRows`]
+    /// for the shapes).
+    fn forward_rows(
+        &self,
+        input_ids: &Tensor,
+        vision: Option<&VisionInput>,
+        attention_mask: Option<&Tensor>,
+        inject: Option<&Injection>,
+        rows: LogitRows<'_>,
     ) -> Result<Tensor>;
     /// Hidden size of the token embeddings (what injected rows must have).
     fn hidden_size(&self) -> usize;

@@ -14,7 +14,7 @@ use crate::model::family::LoadOptions;
 use crate::model::layers::{scatter_rows, Linear};
 use crate::model::llama::{attention_mask, position_ids, LlamaForCausalLm};
 use crate::model::weights::{WeightStore, Weights};
-use crate::model::{valid_rows, Injection, VisionInput, VisionLanguageModel};
+use crate::model::{valid_rows, Injection, LogitRows, VisionInput, VisionLanguageModel};
 
 /// `linear_2(gelu(linear_1(x)))`, erf GELU as torch's default.
 #[derive(Debug, Clone)]
@@ -232,12 +232,13 @@ impl VisionLanguageModel for LlavaModel {
         self.cfg.image_token_id
     }
 
-    fn forward_injected(
+    fn forward_rows(
         &self,
         input_ids: &Tensor,
         vision: Option<&VisionInput>,
         attention_mask: Option<&Tensor>,
         inject: Option<&Injection>,
+        rows: LogitRows<'_>,
     ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
         let embeds = self.input_embeds(input_ids, vision, inject)?;
@@ -246,7 +247,7 @@ impl VisionLanguageModel for LlavaModel {
         let mask = attention_mask_if_needed(&valid, &self.device)?;
         Ok(self
             .language_model
-            .forward_embeds(&embeds, &positions, mask.as_ref(), None)?)
+            .forward_embeds(&embeds, &positions, mask.as_ref(), None, rows)?)
     }
 
     fn new_cache(&self) -> KvCache {
@@ -291,10 +292,13 @@ impl LlavaModel {
         } else {
             None
         };
-        let logits =
-            self.language_model
-                .forward_embeds(embeds, &positions, mask.as_ref(), Some(cache))?;
-        Ok(logits.narrow(1, s - 1, 1)?.squeeze(1)?)
+        Ok(self.language_model.forward_embeds(
+            embeds,
+            &positions,
+            mask.as_ref(),
+            Some(cache),
+            LogitRows::Last,
+        )?)
     }
 }
 

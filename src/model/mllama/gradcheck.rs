@@ -105,6 +105,7 @@ fn text_model_with_a_gated_cross_attention_layer() {
                 Some(&causal),
                 Some(&cross),
                 None,
+                crate::model::LogitRows::All,
             )
             .unwrap()
     });

@@ -17,7 +17,7 @@ use crate::model::family::LoadOptions;
 use crate::model::layers::Linear;
 use crate::model::llama::attention_mask;
 use crate::model::weights::{WeightStore, Weights};
-use crate::model::{valid_rows, Injection, VisionInput, VisionLanguageModel};
+use crate::model::{valid_rows, Injection, LogitRows, VisionInput, VisionLanguageModel};
 
 #[derive(Debug, Clone)]
 pub struct MllamaModel {
@@ -189,6 +189,7 @@ impl MllamaModel {
         valid: &[Vec<bool>],
         cross: Option<&CrossInputs>,
         cache: Option<&mut KvCache>,
+        rows: LogitRows<'_>,
     ) -> Result<Tensor> {
         let (b, s, _) = embeds.dims3()?;
         let offset = cache.as_ref().map_or(0, |c| c.len());
@@ -204,7 +205,7 @@ impl MllamaModel {
         };
         Ok(self
             .text
-            .forward_embeds(embeds, &positions, mask.as_ref(), cross, cache)?)
+            .forward_embeds(embeds, &positions, mask.as_ref(), cross, cache, rows)?)
     }
 }
 
@@ -246,12 +247,13 @@ impl VisionLanguageModel for MllamaModel {
         self.cfg.image_token_id
     }
 
-    fn forward_injected(
+    fn forward_rows(
         &self,
         input_ids: &Tensor,
         vision: Option<&VisionInput>,
         attention_mask: Option<&Tensor>,
         inject: Option<&Injection>,
+        logit_rows: LogitRows<'_>,
     ) -> Result<Tensor> {
         let rows = id_rows(input_ids)?;
         let (b, s) = input_ids.dims2()?;
@@ -264,7 +266,7 @@ impl VisionLanguageModel for MllamaModel {
                 None
             }
         };
-        self.run_text(&embeds, &valid, cross.as_ref(), None)
+        self.run_text(&embeds, &valid, cross.as_ref(), None, logit_rows)
     }
 
     fn hidden_size(&self) -> usize {
@@ -313,8 +315,13 @@ impl VisionLanguageModel for MllamaModel {
             }
         };
         let valid = vec![vec![true; cache.len() + s]; b];
-        let logits = self.run_text(&embeds, &valid, cross.as_ref(), Some(cache))?;
-        Ok(logits.narrow(1, s - 1, 1)?.squeeze(1)?)
+        self.run_text(
+            &embeds,
+            &valid,
+            cross.as_ref(),
+            Some(cache),
+            LogitRows::Last,
+        )
     }
 
     fn step(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
@@ -334,8 +341,13 @@ impl VisionLanguageModel for MllamaModel {
             None => None,
         };
         let valid = vec![vec![true; cache.len() + s]; b];
-        let logits = self.run_text(&embeds, &valid, cross.as_ref(), Some(cache))?;
-        Ok(logits.narrow(1, s - 1, 1)?.squeeze(1)?)
+        self.run_text(
+            &embeds,
+            &valid,
+            cross.as_ref(),
+            Some(cache),
+            LogitRows::Last,
+        )
     }
 }
 

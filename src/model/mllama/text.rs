@@ -13,9 +13,10 @@ use super::config::MllamaConfig;
 use crate::error::Result;
 use crate::model::cache::{KvCache, LayerCache};
 use crate::model::config::TextConfig;
-use crate::model::layers::{attention, repeat_kv, Embedding, Linear, RmsNorm, Rope};
+use crate::model::layers::{attention, Embedding, Linear, RmsNorm, Rope};
 use crate::model::llama::{inv_freq, DecoderLayer, Mlp};
 use crate::model::weights::Weights;
+use crate::model::LogitRows;
 
 /// What the cross-attention layers need for one forward pass.
 #[derive(Debug, Clone)]
@@ -94,9 +95,6 @@ impl CrossAttention {
             (None, Some(st)) => self.image_kv(st)?,
             (None, None) => candle_core::bail!("cross-attention needs the image features"),
         };
-        let n_rep = self.heads / self.kv_heads;
-        let k = repeat_kv(&k, n_rep)?.contiguous()?;
-        let v = repeat_kv(&v, n_rep)?.contiguous()?;
         let scale = (self.head_dim as f64).powf(-0.5);
         let out = attention(&q, &k, &v, Some(&cross.bias), scale)?;
         self.o_proj
@@ -216,8 +214,8 @@ impl MllamaTextModel {
         self.layers.len() - self.num_self_layers()
     }
 
-    /// Decoder on input embeddings `[b, s, h]` → f32 (f64 for an f64 model) logits
-    /// `[b, s, vocab]`. `positions`:
+    /// Decoder on input embeddings `[b, s, h]` → f32 (f64 for an f64 model) logits at `rows`
+    /// (`[b, s, vocab]` for all of them). `positions`:
     /// `[b, s]` u32; `mask`: additive `[b, 1, s, s_kv]`. Without `cross` (and nothing cached),
     /// the cross-attention layers are skipped, as HF does for text-only input.
     pub fn forward_embeds(
@@ -227,6 +225,7 @@ impl MllamaTextModel {
         mask: Option<&Tensor>,
         cross: Option<&CrossInputs>,
         mut cache: Option<&mut KvCache>,
+        rows: LogitRows<'_>,
     ) -> candle_core::Result<Tensor> {
         let (_, s, _) = embeds.dims3()?;
         let mut x = embeds.clone();
@@ -250,7 +249,7 @@ impl MllamaTextModel {
         if let Some(c) = cache {
             c.advance(s);
         }
-        let x = self.norm.forward(&x)?;
+        let x = self.norm.forward(&rows.select(&x)?)?;
         let logits = self.lm_head.forward(&x)?;
         // f32 logits, as HF upcasts them; a model held in f64 (gradient checks) stays f64.
         match logits.dtype() {

@@ -21,9 +21,9 @@ use crate::data::loader::Prefetcher;
 use crate::error::{Error, Result};
 use crate::method::proxy::ProxyInstruction;
 use crate::model::lora::LoraRuntime;
-use crate::model::loss::causal_lm_loss;
+use crate::model::loss::LossRows;
 use crate::model::weights::WeightStore;
-use crate::model::{Injection, VisionInput, VisionLanguageModel};
+use crate::model::{Injection, LogitRows, VisionInput, VisionLanguageModel};
 use crate::train::checkpoint::CheckpointManager;
 use crate::train::metrics::{plot_loss, MetricsLog, StepMetrics, TrainProgress};
 use crate::train::optim::{AdamW, Gradients};
@@ -133,7 +133,9 @@ impl Trainer {
         let (b, s) = (t.input_ids.len(), t.input_ids[0].len());
         let ids = Tensor::from_vec(t.input_ids.concat(), (b, s), &self.plan.device)?;
         let mask = Tensor::from_vec(t.attention_mask.concat(), (b, s), &self.plan.device)?;
-        let labels = Tensor::from_vec(t.labels.concat(), (b, s), &self.plan.device)?;
+        // The LM head and the cross-entropy run only where a label follows.
+        let loss_rows = LossRows::from_labels(&t.labels, self.model.vocab_size())?;
+        let rows = loss_rows.index(&self.plan.device)?;
         let vision = VisionInput::from_processed(&images, &self.plan.device)?;
         drop(images);
         let inject = match &self.proxy {
@@ -143,10 +145,14 @@ impl Trainer {
             }),
             None => None,
         };
-        let logits =
-            self.model
-                .forward_injected(&ids, Some(&vision), Some(&mask), inject.as_ref())?;
-        Ok(causal_lm_loss(&logits, &labels)?.0)
+        let logits = self.model.forward_rows(
+            &ids,
+            Some(&vision),
+            Some(&mask),
+            inject.as_ref(),
+            LogitRows::Flat(&rows),
+        )?;
+        loss_rows.loss(&logits)
     }
 
     /// Run (or resume from checkpoint `resume`) this stage to its end, or to `train.stop_after`.
@@ -240,6 +246,7 @@ impl Trainer {
                 grad_norm: done.grad_norm,
                 tokens_per_sec: done.tokens as f64 / secs,
                 elapsed_sec: state.elapsed_sec,
+                step_sec: secs,
                 data_wait_sec: data_wait.as_secs_f64(),
                 skipped_nonfinite: state.skipped_nonfinite,
             };
