@@ -38,7 +38,7 @@ VARIANTS = {
     # name: (image size, patch size) -> 196 or 576 image tokens
     "196": (224, 16),
     "576": (336, 14),
-    "1152": (480, 14),  # 34x34 = 1156 patches; the memory-growth point
+    "1152": (476, 14),  # 34x34 = 1156 patches; the memory-growth point
 }
 
 
