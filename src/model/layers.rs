@@ -53,6 +53,9 @@ impl Linear {
     /// x and re-attached through [`FrozenWeight`], whose backward yields only `dx = g W`. Plain
     /// matmul backward would also materialise a weight-sized gradient for every frozen weight
     /// (../shared/design/CANDLE.md, "Memory: frozen weights").
+    ///
+    /// On the CPU a frozen weight goes through [`FrozenLinearOp`] instead: the same backward, no
+    /// copy in the forward, and a bf16 weight widened block by block inside the product.
     fn base_product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if !self.weight.track_op() && kernels::fused_for(&[x, &self.weight]) {
             let x = x.contiguous()?;
