@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::adapter::{check_adapter_fits, read_adapter};
+use crate::data::feature_cache::{content_key, CacheLocation, FeatureCache};
 use crate::data::processor::{AspectMode, ImageProcessor};
 use crate::data::prompt::{ChatTemplate, TextProcessor};
 use crate::error::{Error, Result};
@@ -15,6 +16,7 @@ use crate::model::checkpoint::resolve_model;
 use crate::model::family::{layout, open_with_layout};
 use crate::model::generate::{continuation_logprobs, greedy};
 use crate::model::lora::LoraFactory;
+use crate::model::vision_key::vision_cache_key;
 use crate::model::{ImageOptions, LoadOptions, ModelLayout, VisionInput, VisionLanguageModel};
 use crate::train::checkpoint::load_float_safetensors;
 
@@ -40,6 +42,9 @@ pub struct SessionOptions {
     /// Fully trained weights replacing the base ones (a run's `full_weights.safetensors`, or a
     /// checkpoint's `trainable.safetensors`, whose LoRA and proxy tensors are skipped here).
     pub full_weights: Option<PathBuf>,
+    /// The frozen-vision feature cache to read and fill (families that have one; see
+    /// [`crate::data::feature_cache`]).
+    pub vision_cache: Option<CacheLocation>,
 }
 
 impl Default for SessionOptions {
@@ -51,6 +56,7 @@ impl Default for SessionOptions {
             max_tiles: None,
             adapter: None,
             full_weights: None,
+            vision_cache: None,
         }
     }
 }
@@ -64,6 +70,8 @@ pub struct Session {
     pub text: TextProcessor,
     pub device: Device,
     pub dir: PathBuf,
+    /// This model's entries of the frozen-vision feature cache, when one was asked for.
+    pub vision_cache: Option<FeatureCache>,
 }
 
 /// `score`'s answer.
@@ -137,6 +145,23 @@ impl Session {
             }
         }
         let (template, text) = opened.layout.prompt()?;
+        let vision_cache = match &opts.vision_cache {
+            Some(loc) => {
+                match vision_cache_key(&opened.layout, &opened.store, &opened.processor)? {
+                    Some(key) => Some(FeatureCache::open(&loc.dir, &key.key, loc.max_bytes)?),
+                    None => {
+                        tracing::warn!(
+                            "vision cache {}: not used, the {} family's vision states are not \
+                             cached",
+                            loc.dir.display(),
+                            opened.layout.family.name()
+                        );
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
         Ok(Self {
             model: opened.model,
             layout: opened.layout,
@@ -145,14 +170,34 @@ impl Session {
             text,
             device: opts.device,
             dir,
+            vision_cache,
         })
     }
 
-    /// The model's vision input for one image file.
+    /// The model's vision input for one image file: with a feature cache, the tower's states
+    /// (from the cache, or computed now and stored); otherwise the processed pixels.
     pub fn vision_input(&self, image: &Path) -> Result<VisionInput> {
+        let key = match &self.vision_cache {
+            Some(cache) => {
+                let key = content_key(image)?;
+                if let Some(states) = cache.get(&key)? {
+                    return Ok(VisionInput::States(
+                        states.to_device(&self.device)?.unsqueeze(0)?,
+                    ));
+                }
+                Some((cache, key))
+            }
+            None => None,
+        };
         let rgb = self.processor.load(image)?;
         let processed = self.processor.preprocess(&rgb)?;
-        VisionInput::from_processed(&[processed], &self.device)
+        let pixels = VisionInput::from_processed(&[processed], &self.device)?;
+        let Some((cache, key)) = key else {
+            return Ok(pixels);
+        };
+        let states = self.model.vision_states(&pixels)?;
+        cache.put(&key, &states.squeeze(0)?)?;
+        Ok(VisionInput::States(states))
     }
 
     /// Token ids of a prompt, image placeholder expanded.

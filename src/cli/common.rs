@@ -6,6 +6,7 @@ use anyhow::Context;
 use candle_core::DType;
 use clap::{Args, ValueEnum};
 
+use crate::data::feature_cache::CacheLocation;
 use crate::data::processor::AspectMode;
 use crate::session::{Prompt, Session, SessionOptions};
 
@@ -51,6 +52,14 @@ pub struct ModelArgs {
     /// run, or `trainable.safetensors` of a checkpoint).
     #[arg(long)]
     pub full_weights: Option<PathBuf>,
+    /// Frozen-vision feature cache folder, e.g. a training run's `vision-cache`: pictures whose
+    /// states it holds for exactly this model (weights, adapter, dtype, processor) skip decoding
+    /// and the vision tower; the others are computed and stored. LLaVA models.
+    #[arg(long, value_name = "DIR")]
+    pub vision_cache: Option<PathBuf>,
+    /// At most this many GiB in --vision-cache (every model's entries together).
+    #[arg(long, value_name = "GIB", default_value_t = 8.0)]
+    pub vision_cache_gib: f64,
 }
 
 impl ModelArgs {
@@ -70,7 +79,15 @@ impl ModelArgs {
             max_tiles: self.max_image_tiles.map(|n| n as usize),
             adapter: self.adapter.clone(),
             full_weights: self.full_weights.clone(),
+            vision_cache: self.vision_cache.clone().map(|dir| CacheLocation {
+                dir,
+                max_bytes: (self.vision_cache_gib * (1u64 << 30) as f64) as u64,
+            }),
         };
+        let gib = self.vision_cache_gib;
+        if !(gib.is_finite() && gib > 0.0) {
+            anyhow::bail!("--vision-cache-gib {gib}: expected a positive size in GiB");
+        }
         Session::load(&self.model, opts).with_context(|| format!("loading model {}", self.model))
     }
 }

@@ -72,6 +72,11 @@ pub struct EvalArgs {
     /// Evaluate only the first N items.
     #[arg(long)]
     limit: Option<usize>,
+    /// Items predicted together: items about one image share its features and prompt prefix, and
+    /// a batch decodes together (one weight read per generated position for all its items).
+    /// Answers are those of item-by-item evaluation up to float rounding; 1 turns batching off.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    batch_size: u64,
     /// Output directory [default: DATA/eval-<split>-<scoring>].
     #[arg(long)]
     out: Option<PathBuf>,
@@ -130,6 +135,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         dtype: dtype.clone(),
         image_aspect: image_aspect.clone(),
         max_image_tiles: args.model.max_image_tiles.map(|n| n as usize),
+        batch_size: args.batch_size as usize,
         resume: args.resume,
         quiet: args.quiet,
     };
@@ -171,6 +177,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             max_image_tiles: args.model.max_image_tiles,
             adapter: state.adapter.clone(),
             full_weights: state.full_weights.clone(),
+            vision_cache: args.model.vision_cache.clone(),
+            vision_cache_gib: args.model.vision_cache_gib,
         };
         let session = model.load()?;
         let report = evaluate(

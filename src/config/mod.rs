@@ -19,7 +19,7 @@ mod validate;
 pub use sections::{
     DataSection, DataSource, FullSection, InstructionMode, ModelSection, NonFinitePolicy,
     OptimSection, ProxyInit, ProxySection, ScheduleSection, StageConfig, TrainSection, Trainable,
-    WeightDType,
+    VisionCacheSection, WeightDType, VISION_CACHE_DIR,
 };
 pub use validate::MAX_REPEAT;
 
@@ -41,6 +41,8 @@ pub struct TrainConfig {
     /// The momentum proxy instruction (used when an instruction mode is `proxy`).
     #[serde(default)]
     pub proxy: ProxySection,
+    #[serde(default)]
+    pub vision_cache: VisionCacheSection,
     /// Ordered stages (e.g. proxy warm-up, then the main stage); absent = one stage from the
     /// sections above, written directly to `train.output_dir`.
     #[serde(default)]

@@ -299,6 +299,56 @@ pub struct TrainSection {
     pub on_nonfinite: NonFinitePolicy,
 }
 
+/// The frozen-vision feature cache ([`crate::data::feature_cache`]): used by a stage whose
+/// vision tower is frozen (no trained weight, no LoRA adapter with dropout in it), so that later
+/// epochs, later stages and `eval --vision-cache` skip decoding, preprocessing and the tower.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VisionCacheSection {
+    /// Off: the tower runs on every picture of every step.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Where entries live; absent = `<train.output_dir>/vision-cache`.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// At most this many GiB in `dir` (every model's entries together); once full, nothing more
+    /// is stored and what is there keeps serving.
+    #[serde(default = "default_cache_gib")]
+    pub max_gib: f64,
+}
+
+impl Default for VisionCacheSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dir: None,
+            max_gib: default_cache_gib(),
+        }
+    }
+}
+
+impl VisionCacheSection {
+    /// The cache folder of a run writing to `output_dir`.
+    pub fn dir_for(&self, output_dir: &std::path::Path) -> PathBuf {
+        self.dir
+            .clone()
+            .unwrap_or_else(|| output_dir.join(VISION_CACHE_DIR))
+    }
+
+    pub fn max_bytes(&self) -> u64 {
+        (self.max_gib * (1u64 << 30) as f64) as u64
+    }
+}
+
+/// The default cache folder's name inside `train.output_dir`.
+pub const VISION_CACHE_DIR: &str = "vision-cache";
+
+fn yes() -> bool {
+    true
+}
+fn default_cache_gib() -> f64 {
+    8.0
+}
 fn default_dtype() -> WeightDType {
     WeightDType::F32
 }

@@ -15,7 +15,8 @@ use crate::error::{Error, Result};
 pub const MAX_REPEAT: usize = 10_000;
 
 /// Names a stage output directory may not take: the files `train` writes in `output_dir`.
-const RESERVED_STAGE_NAMES: &[&str] = &["checkpoints", "adapter"];
+const RESERVED_STAGE_NAMES: &[&str] =
+    &["checkpoints", "adapter", super::sections::VISION_CACHE_DIR];
 
 struct Checker<'a> {
     path: &'a Path,
@@ -234,6 +235,24 @@ impl TrainConfig {
         }
         if t.output_dir.as_os_str().is_empty() {
             return Err(c.bad("train.output_dir", "must not be empty"));
+        }
+        let gib = self.vision_cache.max_gib;
+        if !(gib.is_finite() && gib > 0.0) {
+            return Err(c.bad(
+                "vision_cache.max_gib",
+                format!("{gib} is not a positive size in GiB; set vision_cache.enabled = false to turn the cache off"),
+            ));
+        }
+        if self
+            .vision_cache
+            .dir
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().is_empty())
+        {
+            return Err(c.bad(
+                "vision_cache.dir",
+                "must not be empty; leave it out for <train.output_dir>/vision-cache",
+            ));
         }
         Ok(())
     }

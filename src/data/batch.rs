@@ -3,7 +3,10 @@
 
 use std::sync::Arc;
 
+use candle_core::Tensor;
+
 use crate::data::collate::{pad_batch, Instruction, SampleEncoder, TextBatch};
+use crate::data::feature_cache::{content_key, FeatureCache};
 use crate::data::pairs::Pair;
 use crate::data::processor::{ImageProcessor, ProcessedImage};
 use crate::data::prompt::{ChatTemplate, TextProcessor};
@@ -24,14 +27,30 @@ pub struct BatchMaker {
     pub max_positions: usize,
     pub shuffle: Separator,
     pub seed: u64,
+    /// The frozen-vision feature cache, when the stage may use it: cached pictures are not
+    /// decoded at all.
+    pub vision_cache: Option<Arc<FeatureCache>>,
+}
+
+/// One sample's picture as a worker prepared it.
+#[derive(Debug, Clone)]
+pub enum BatchPicture {
+    /// Decoded and preprocessed for the vision tower; with the file's content key when a feature
+    /// cache is in use, so that what the tower makes of it can be stored.
+    Processed {
+        image: ProcessedImage,
+        cache_key: Option<String>,
+    },
+    /// The tower's states `[tokens, dim]` from the feature cache, on the CPU.
+    Cached(Tensor),
 }
 
 /// One micro-batch on the host.
 #[derive(Debug, Clone)]
 pub struct HostBatch {
     pub text: TextBatch,
-    /// One processed picture per sample, in batch order.
-    pub images: Vec<ProcessedImage>,
+    /// One picture per sample, in batch order.
+    pub images: Vec<BatchPicture>,
     /// Samples whose description was cut to fit `max_len`: (source, tokens dropped).
     pub truncated: Vec<(String, usize)>,
     /// Where each sample of the batch comes from (`manifest:line`), in batch order.
@@ -57,6 +76,26 @@ impl BatchMaker {
             epoch as u64,
             index as u64,
         )
+    }
+
+    /// A sample's picture: from the feature cache when it holds the file's content, otherwise
+    /// decoded and preprocessed.
+    fn picture(&self, path: &std::path::Path) -> Result<BatchPicture> {
+        let cache_key = match &self.vision_cache {
+            Some(cache) => {
+                let key = content_key(path)?;
+                if let Some(states) = cache.get(&key)? {
+                    return Ok(BatchPicture::Cached(states));
+                }
+                Some(key)
+            }
+            None => None,
+        };
+        let img = self.processor.load(path)?;
+        Ok(BatchPicture::Processed {
+            image: self.processor.preprocess(&img)?,
+            cache_key,
+        })
     }
 
     /// Build the micro-batch of pair `indices` for `epoch`.
@@ -85,8 +124,7 @@ impl BatchMaker {
                 truncated.push((pair.source.clone(), e.truncated));
             }
             texts.push(e);
-            let img = self.processor.load(&pair.image)?;
-            images.push(self.processor.preprocess(&img)?);
+            images.push(self.picture(&pair.image)?);
         }
         let pad = self
             .text

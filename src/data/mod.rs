@@ -5,6 +5,7 @@ pub mod collate;
 pub mod csv_line;
 pub mod csv_strict;
 pub mod dicom;
+pub mod feature_cache;
 pub mod image;
 pub mod loader;
 pub mod pairs;

@@ -3,15 +3,15 @@
 //!
 //! Three scoring modes ([`Scoring`]):
 //! * `generate` (the reference's): the question ([`question_prompt`]) goes through the model's chat
-//!   template with the image, greedy decoding with the KV cache (at most 50 new tokens; the image token is
-//!   never chosen, see [`generate_answer`]), then the strict
+//!   template with the image, greedy decoding with the KV cache (at most 50 new tokens, see
+//!   [`predict_batch`]), then the strict
 //!   parse (the metric) and the lenient parse (reported beside it).
 //! * `likelihood`: for each option letter X, the log-likelihood of the continuation
 //!   `"The correct answer is X."` ([`likelihood_continuation`], the answer the prompt asks for, tokenized on
 //!   its own without special tokens) after the same prompt; the prediction is the argmax (ties to the
-//!   earliest letter). The prompt is prefilled once per item, the continuation tokens shared by every
-//!   option (`"The correct answer is"`) are fed once, and each option's remaining tokens are fed on a
-//!   clone of that cache ([`option_loglikelihoods`]).
+//!   earliest letter). The prompt is prefilled once per item (its prefix with the image once per
+//!   picture, see [`predict_batch`]), then every option's continuation is fed at once, one row each
+//!   of a batch on copies of that cache ([`option_loglikelihoods_after`]).
 //! * `likelihood-text`: the same, with each option's *text* as the assistant's whole answer; the score
 //!   is its summed log-likelihood divided by its length in UTF-8 bytes (lm-evaluation-harness'
 //!   `acc_norm`), so that long options (SKINCON's concept combinations) are not penalised for their
@@ -34,7 +34,8 @@ use super::provenance::check_resume;
 pub use super::provenance::{fingerprint, RunInfo, RUN_INFO};
 use super::report::{metric_description, summarize, Report};
 use crate::error::{Error, Result};
-use crate::model::{VisionInput, VisionLanguageModel};
+use crate::model::generate::{greedy_batch, prefill, prefill_shared, Prefilled};
+use crate::model::{KvCache, LogitRows, VisionInput, VisionLanguageModel};
 use crate::session::{Prompt, Session};
 use crate::train::checkpoint::write_atomic;
 
@@ -110,8 +111,7 @@ fn token_logprob(logits: &Tensor, token: u32) -> Result<f64> {
 
 /// Summed log-probability of each continuation in `continuations` after `prompt` (with the image), the
 /// same quantity as summing [`crate::model::generate::continuation_logprobs`], computed with the KV cache:
-/// the prompt is prefilled once, the tokens every continuation starts with are fed once, and each
-/// continuation's remaining tokens are fed one at a time on its own clone of the cache.
+/// the prompt is prefilled once, then [`option_loglikelihoods_after`].
 pub fn option_loglikelihoods(
     model: &dyn VisionLanguageModel,
     prompt: &[u32],
@@ -119,40 +119,69 @@ pub fn option_loglikelihoods(
     continuations: &[Vec<u32>],
     device: &Device,
 ) -> Result<Vec<f64>> {
-    if prompt.is_empty() || continuations.iter().any(|c| c.is_empty()) {
+    if prompt.is_empty() {
         return Err(Error::Model(
             "scoring needs a non-empty prompt and non-empty continuations".into(),
         ));
     }
-    if continuations.is_empty() {
-        return Ok(Vec::new());
+    let start = prefill(model, prompt, vision, device)?;
+    option_loglikelihoods_after(model, &start, continuations, device)
+}
+
+/// [`option_loglikelihoods`] after a prompt already run through the cache. Every continuation
+/// is fed at once, as one row of a batch on copies of the prompt's cache (rows right-padded:
+/// causal attention keeps the padding out of every scored position), one forward pass for all
+/// options.
+pub fn option_loglikelihoods_after(
+    model: &dyn VisionLanguageModel,
+    start: &Prefilled,
+    continuations: &[Vec<u32>],
+    device: &Device,
+) -> Result<Vec<f64>> {
+    if continuations.iter().any(|c| c.is_empty()) {
+        return Err(Error::Model(
+            "scoring needs a non-empty prompt and non-empty continuations".into(),
+        ));
     }
-    let first = &continuations[0];
-    let mut shared_len = first.len();
-    for c in &continuations[1..] {
-        shared_len = shared_len.min(first.iter().zip(c).take_while(|(a, b)| a == b).count());
+    let n = continuations.len();
+    let longest = continuations.iter().map(Vec::len).max().unwrap_or(0);
+    // The first token of each continuation is scored by the prompt's last logits; the rest by
+    // the fed tokens before them, so only `longest - 1` positions need feeding.
+    let first: Vec<f64> = continuations
+        .iter()
+        .map(|c| token_logprob(&start.logits, c[0]))
+        .collect::<Result<_>>()?;
+    if longest <= 1 {
+        return Ok(first);
     }
-    let mut cache = model.new_cache();
-    let ids = Tensor::from_slice(prompt, (1, prompt.len()), device)?;
-    let mut logits = model.prefill(&ids, vision, &mut cache)?;
-    let mut shared = 0.0f64;
-    for &t in &first[..shared_len] {
-        shared += token_logprob(&logits, t)?;
-        logits = model.step(&Tensor::from_slice(&[t], (1, 1), device)?, &mut cache)?;
-    }
-    let mut out = Vec::with_capacity(continuations.len());
+    let fed = longest - 1;
+    let mut ids = Vec::with_capacity(n * fed);
     for c in continuations {
-        let rest = &c[shared_len..];
-        let mut total = shared;
-        let mut own_cache = cache.clone();
-        let mut lg = logits.clone();
-        for (k, &t) in rest.iter().enumerate() {
-            total += token_logprob(&lg, t)?;
-            if k + 1 < rest.len() {
-                lg = model.step(&Tensor::from_slice(&[t], (1, 1), device)?, &mut own_cache)?;
-            }
+        let body = &c[..c.len() - 1];
+        ids.extend_from_slice(body);
+        ids.extend(std::iter::repeat_n(c[0], fed - body.len()));
+    }
+    let copies = vec![start.cache.clone(); n];
+    let mut cache = if n == 1 {
+        start.cache.clone()
+    } else {
+        KvCache::stack(&copies)?
+    };
+    drop(copies);
+    let tokens = Tensor::from_vec(ids, (n, fed), device)?;
+    let logits = model.step_rows(&tokens, &mut cache, LogitRows::All)?; // [n, fed, vocab]
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(candle_core::DType::F32)?, D::Minus1)?;
+    let mut out = first;
+    for (i, c) in continuations.iter().enumerate() {
+        let targets: Vec<u32> = c[1..].to_vec();
+        let k = targets.len();
+        if k == 0 {
+            continue;
         }
-        out.push(total);
+        let rows = logp.i(i)?.narrow(0, 0, k)?;
+        let idx = Tensor::from_vec(targets, (k, 1), device)?;
+        let picked = rows.gather(&idx, 1)?.to_dtype(candle_core::DType::F64)?;
+        out[i] += picked.sum_all()?.to_scalar::<f64>()?;
     }
     Ok(out)
 }
@@ -178,70 +207,111 @@ pub fn resolve_image(data_dir: &Path, image: &str) -> PathBuf {
     }
 }
 
-/// Greedy decoding with the KV cache (at most [`MAX_NEW_TOKENS`], stopping at and including an
-/// end-of-sequence token), decoded with special tokens skipped.
-pub fn generate_answer(session: &Session, image: &Path, prompt: &Prompt) -> Result<String> {
-    Ok(session.generate(image, prompt, MAX_NEW_TOKENS)?.text)
-}
-
-/// Predict one item.
+/// Predict one item (see [`predict_batch`]).
 pub fn predict(
     session: &Session,
     item: &McqItem,
     data_dir: &Path,
     scoring: Scoring,
 ) -> Result<Prediction> {
-    let image = resolve_image(data_dir, &item.image);
-    let prompt = Prompt::Chat(question_prompt(&item.key, &item.options));
-    let n = item.options.len();
-    let mut pred = Prediction {
-        id: item.id.clone(),
-        key: item.key.clone(),
-        image: item.image.clone(),
-        options: item.options.clone(),
-        answer: item.answer_letter(),
-        predicted: None,
-        raw: None,
-        strict: None,
-        lenient: None,
-        scores: None,
-    };
-    match scoring {
-        Scoring::Generate => {
-            let text = generate_answer(session, &image, &prompt)?;
-            pred.strict = parse_strict(&text, n).map(letter);
-            pred.lenient = parse_lenient(&text, &item.options).map(letter);
-            pred.predicted = pred.strict;
-            pred.raw = Some(text);
+    let mut preds = predict_batch(session, &[item], data_dir, scoring)?;
+    preds
+        .pop()
+        .ok_or_else(|| Error::Model("no prediction made".into()))
+}
+
+/// Predict several items at once, in order. Items about the same image share its vision features
+/// and the prompt prefix up to the question ([`prefill_shared`]); in `generate` mode all items
+/// then decode as one batch ([`greedy_batch`]: at most [`MAX_NEW_TOKENS`] each, stopping at and
+/// including an end-of-sequence token, decoded with special tokens skipped). Each item's answer
+/// is what it gets alone, up to float rounding.
+pub fn predict_batch(
+    session: &Session,
+    items: &[&McqItem],
+    data_dir: &Path,
+    scoring: Scoring,
+) -> Result<Vec<Prediction>> {
+    let model = session.model.as_ref();
+    let mut prompts = Vec::with_capacity(items.len());
+    for item in items {
+        let ids = session.prompt_ids(&Prompt::Chat(question_prompt(&item.key, &item.options)))?;
+        if scoring == Scoring::Generate {
+            session.check_generation_length(ids.len(), MAX_NEW_TOKENS)?;
         }
-        Scoring::Likelihood | Scoring::LikelihoodText => {
-            let vision = session.vision_input(&image)?;
-            let prompt_ids = session.prompt_ids(&prompt)?;
-            let texts: Vec<String> = match scoring {
-                Scoring::Likelihood => (0..n).map(|i| likelihood_continuation(letter(i))).collect(),
-                _ => item.options.clone(),
-            };
-            let conts = texts
-                .iter()
-                .map(|t| session.text.encode_plain(t))
-                .collect::<Result<Vec<_>>>()?;
-            let mut scores = option_loglikelihoods(
-                session.model.as_ref(),
-                &prompt_ids,
-                Some(&vision),
-                &conts,
-                &session.device,
-            )?;
-            if scoring == Scoring::LikelihoodText {
-                for (s, t) in scores.iter_mut().zip(&texts) {
-                    *s /= t.len().max(1) as f64;
-                }
-            }
-            pred.predicted = argmax(&scores).map(letter);
-            pred.scores = Some(scores);
+        prompts.push(ids);
+    }
+    // Items grouped by image, first appearance first; each group prefilled together.
+    let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        match groups.iter_mut().find(|(img, _)| *img == item.image) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((&item.image, vec![i])),
         }
     }
-    Ok(pred)
+    let mut starts: Vec<Option<Prefilled>> = vec![None; items.len()];
+    for (image, members) in &groups {
+        let vision = session.vision_input(&resolve_image(data_dir, image))?;
+        let group_prompts: Vec<Vec<u32>> = members.iter().map(|&i| prompts[i].clone()).collect();
+        let prefilled = prefill_shared(model, &group_prompts, Some(&vision), &session.device)?;
+        for (&i, p) in members.iter().zip(prefilled) {
+            starts[i] = Some(p);
+        }
+    }
+    let starts: Vec<Prefilled> = starts.into_iter().flatten().collect();
+    let mut preds: Vec<Prediction> = items
+        .iter()
+        .map(|item| Prediction {
+            id: item.id.clone(),
+            key: item.key.clone(),
+            image: item.image.clone(),
+            options: item.options.clone(),
+            answer: item.answer_letter(),
+            predicted: None,
+            raw: None,
+            strict: None,
+            lenient: None,
+            scores: None,
+        })
+        .collect();
+    match scoring {
+        Scoring::Generate => {
+            let eos = session.text.eos_token_ids();
+            let generated = greedy_batch(model, starts, MAX_NEW_TOKENS, &eos, &session.device)?;
+            for ((pred, item), ids) in preds.iter_mut().zip(items).zip(generated) {
+                let text = session.text.decode(&ids, true)?;
+                let n = item.options.len();
+                pred.strict = parse_strict(&text, n).map(letter);
+                pred.lenient = parse_lenient(&text, &item.options).map(letter);
+                pred.predicted = pred.strict;
+                pred.raw = Some(text);
+            }
+        }
+        Scoring::Likelihood | Scoring::LikelihoodText => {
+            for ((pred, item), start) in preds.iter_mut().zip(items).zip(&starts) {
+                let n = item.options.len();
+                let texts: Vec<String> = match scoring {
+                    Scoring::Likelihood => {
+                        (0..n).map(|i| likelihood_continuation(letter(i))).collect()
+                    }
+                    _ => item.options.clone(),
+                };
+                let conts = texts
+                    .iter()
+                    .map(|t| session.text.encode_plain(t))
+                    .collect::<Result<Vec<_>>>()?;
+                let mut scores =
+                    option_loglikelihoods_after(model, start, &conts, &session.device)?;
+                if scoring == Scoring::LikelihoodText {
+                    for (s, t) in scores.iter_mut().zip(&texts) {
+                        *s /= t.len().max(1) as f64;
+                    }
+                }
+                pred.predicted = argmax(&scores).map(letter);
+                pred.scores = Some(scores);
+            }
+        }
+    }
+    Ok(preds)
 }
 
 /// Read `predictions.jsonl`. A last line cut short (no trailing newline and not valid JSON, from an
@@ -296,6 +366,9 @@ pub struct EvalOptions {
     pub image_aspect: String,
     /// `--max-image-tiles`, if given.
     pub max_image_tiles: Option<usize>,
+    /// Items predicted together ([`predict_batch`]): they share each weight read while decoding
+    /// and, when about one image, its features and prompt prefix. 1 predicts item by item.
+    pub batch_size: usize,
     /// Keep predictions already in `predictions.jsonl` and skip their items.
     pub resume: bool,
     /// No progress bar.
@@ -368,17 +441,20 @@ pub fn evaluate(
         .map_err(|e| Error::io(&pred_path, e))?;
     let start = Instant::now();
     let mut correct = 0usize;
-    for (i, item) in todo.iter().enumerate() {
-        let p = predict(session, item, data_dir, opts.scoring)?;
-        correct += usize::from(p.predicted == Some(p.answer));
-        let mut line = serde_json::to_vec(&p).map_err(|e| Error::json(&pred_path, e))?;
-        line.push(b'\n');
-        file.write_all(&line)
-            .and_then(|_| file.flush())
-            .map_err(|e| Error::io(&pred_path, e))?;
-        preds.push(p);
-        bar.set_message(format!("acc={:.3}", correct as f64 / (i + 1) as f64));
-        bar.inc(1);
+    let mut made = 0usize;
+    for chunk in todo.chunks(opts.batch_size.max(1)) {
+        for p in predict_batch(session, chunk, data_dir, opts.scoring)? {
+            correct += usize::from(p.predicted == Some(p.answer));
+            made += 1;
+            let mut line = serde_json::to_vec(&p).map_err(|e| Error::json(&pred_path, e))?;
+            line.push(b'\n');
+            file.write_all(&line)
+                .and_then(|_| file.flush())
+                .map_err(|e| Error::io(&pred_path, e))?;
+            preds.push(p);
+        }
+        bar.set_message(format!("acc={:.3}", correct as f64 / made as f64));
+        bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
     drop(file);

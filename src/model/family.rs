@@ -278,6 +278,14 @@ pub trait ModelFamily: Sync {
     /// The family's image processor, configured from the directory and checked against the
     /// vision encoder `layout` describes.
     fn image_processor(&self, layout: &ModelLayout, opts: &ImageOptions) -> Result<ImageProcessor>;
+    /// The group whose output [`VisionLanguageModel::vision_states`] returns, when the family can
+    /// take those states back ([`crate::model::VisionInput::States`]) so that the frozen-vision
+    /// feature cache can serve them; `None` when it cannot. Mllama cannot: its tiled states
+    /// are 1601 × 7680 values per tile, ~100 MB per four-tile picture in bf16, a cache
+    /// thousands of times the size of the images.
+    fn cached_vision_group(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// The family of the checkpoint in `dir`, from its `config.json`.

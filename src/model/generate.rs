@@ -4,7 +4,84 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{Error, Result};
-use crate::model::{VisionInput, VisionLanguageModel};
+use crate::model::{KvCache, VisionInput, VisionLanguageModel};
+
+/// A prompt run through the cache: ready to decode from, or to score continuations after.
+#[derive(Debug, Clone)]
+pub struct Prefilled {
+    /// The prompt's keys and values (one row).
+    pub cache: KvCache,
+    /// Logits `[1, vocab]` at the prompt's last position.
+    pub logits: Tensor,
+    /// Prompt tokens (positions) in the cache.
+    pub len: usize,
+}
+
+/// Run one prompt through a fresh cache.
+pub fn prefill(
+    model: &dyn VisionLanguageModel,
+    prompt: &[u32],
+    vision: Option<&VisionInput>,
+    device: &Device,
+) -> Result<Prefilled> {
+    if prompt.is_empty() {
+        return Err(Error::Model("cannot run an empty prompt".into()));
+    }
+    let mut cache = model.new_cache();
+    let ids = Tensor::from_slice(prompt, (1, prompt.len()), device)?;
+    let logits = model.prefill(&ids, vision, &mut cache)?;
+    Ok(Prefilled {
+        cache,
+        logits,
+        len: prompt.len(),
+    })
+}
+
+/// Prefill several prompts about the same image (e.g. the questions asked of one picture): the
+/// longest prefix they share is run once — with the image, the bulk of the work — and each
+/// prompt's remaining tokens are fed on its own clone of that cache. The result equals prefilling
+/// each prompt alone (attention is causal), up to float rounding. The prefix is shared only when
+/// it holds every image token (what follows it is fed as text), otherwise each prompt is
+/// prefilled in full.
+pub fn prefill_shared(
+    model: &dyn VisionLanguageModel,
+    prompts: &[Vec<u32>],
+    vision: Option<&VisionInput>,
+    device: &Device,
+) -> Result<Vec<Prefilled>> {
+    let Some(first) = prompts.first() else {
+        return Ok(Vec::new());
+    };
+    let shared = prompts[1..].iter().fold(first.len(), |n, p| {
+        n.min(first.iter().zip(p).take_while(|(a, b)| a == b).count())
+    });
+    let image = model.image_token_id();
+    let holds_every_image_token = prompts.iter().all(|p| !p[shared..].contains(&image));
+    if prompts.len() < 2 || shared == 0 || !holds_every_image_token {
+        return prompts
+            .iter()
+            .map(|p| prefill(model, p, vision, device))
+            .collect();
+    }
+    let base = prefill(model, &first[..shared], vision, device)?;
+    prompts
+        .iter()
+        .map(|p| {
+            let rest = &p[shared..];
+            if rest.is_empty() {
+                return Ok(base.clone());
+            }
+            let mut cache = base.cache.clone();
+            let ids = Tensor::from_slice(rest, (1, rest.len()), device)?;
+            let logits = model.step(&ids, &mut cache)?;
+            Ok(Prefilled {
+                cache,
+                logits,
+                len: p.len(),
+            })
+        })
+        .collect()
+}
 
 /// Greedy decoding for one sequence: prefill the prompt, then one cached step per token, stopping
 /// after `max_new_tokens`, at (and including) the first token in `eos`, or when prompt and
@@ -23,48 +100,104 @@ pub fn greedy(
     if prompt.is_empty() {
         return Err(Error::Model("cannot generate from an empty prompt".into()));
     }
+    check_room(model, prompt.len())?;
+    if max_new_tokens == 0 {
+        return Ok(Vec::new());
+    }
+    let start = prefill(model, prompt, vision, device)?;
+    let mut out = greedy_batch(model, vec![start], max_new_tokens, eos, device)?;
+    Ok(out.pop().unwrap_or_default())
+}
+
+/// A prompt of `len` tokens must leave room for one generated token.
+fn check_room(model: &dyn VisionLanguageModel, len: usize) -> Result<()> {
     let limit = model.max_positions();
-    if prompt.len() >= limit {
+    if len >= limit {
         return Err(Error::Model(format!(
-            "the prompt is {} tokens, which leaves no room to generate within the model's \
-             max_position_embeddings {limit}",
-            prompt.len()
+            "the prompt is {len} tokens, which leaves no room to generate within the model's \
+             max_position_embeddings {limit}"
         )));
     }
-    // Every generated token but the last is fed back, so the sequence ends at
+    Ok(())
+}
+
+/// Greedy decoding of several prefilled prompts at once: their caches are stacked into one batch
+/// ([`KvCache::stack`]), so each generated position reads every weight once for all rows — decoding
+/// is bound by weight reads, not arithmetic — while each row attends to and is positioned by its
+/// own tokens only, generating what [`greedy`] generates for it alone (up to float rounding).
+/// A row stops as [`greedy`] does (`max_new_tokens`, EOS included, or `max_position_embeddings`)
+/// and leaves the batch. Returns the generated ids per prompt, in order.
+pub fn greedy_batch(
+    model: &dyn VisionLanguageModel,
+    starts: Vec<Prefilled>,
+    max_new_tokens: usize,
+    eos: &[u32],
+    device: &Device,
+) -> Result<Vec<Vec<u32>>> {
+    let limit = model.max_positions();
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); starts.len()];
+    // Every generated token but the last is fed back, so each sequence ends at
     // prompt + generated <= limit.
-    let max_new_tokens = max_new_tokens.min(limit - prompt.len());
-    let mut out = Vec::with_capacity(max_new_tokens);
-    if max_new_tokens == 0 {
+    let mut budget = Vec::with_capacity(starts.len());
+    for s in &starts {
+        check_room(model, s.len)?;
+        budget.push(max_new_tokens.min(limit - s.len));
+    }
+    // Rows still generating, as indices into `out`.
+    let mut live: Vec<usize> = (0..starts.len()).filter(|&i| budget[i] > 0).collect();
+    if live.is_empty() {
         return Ok(out);
     }
-    let mut cache = model.new_cache();
-    let ids = Tensor::from_slice(prompt, (1, prompt.len()), device)?;
-    let mut logits = model.prefill(&ids, vision, &mut cache)?;
+    let kept: Vec<&Prefilled> = live.iter().map(|&i| &starts[i]).collect();
+    let caches: Vec<KvCache> = kept.iter().map(|s| s.cache.clone()).collect();
+    let mut cache = if caches.len() == 1 {
+        caches
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| model.new_cache())
+    } else {
+        KvCache::stack(&caches)?
+    };
+    let mut logits = Tensor::cat(&kept.iter().map(|s| &s.logits).collect::<Vec<_>>(), 0)?;
+    drop(starts);
     loop {
-        let next = argmax(&logits)?;
-        out.push(next);
-        if eos.contains(&next) || out.len() >= max_new_tokens {
+        let next = argmax_rows(&logits)?;
+        let mut keep = Vec::with_capacity(live.len());
+        for (row, (&i, &t)) in live.iter().zip(&next).enumerate() {
+            out[i].push(t);
+            if !eos.contains(&t) && out[i].len() < budget[i] {
+                keep.push(row);
+            }
+        }
+        if keep.is_empty() {
             return Ok(out);
         }
-        let t = Tensor::from_slice(&[next], (1, 1), device)?;
+        let mut fed: Vec<u32> = keep.iter().map(|&r| next[r]).collect();
+        if keep.len() < live.len() {
+            cache = cache.select_rows(&keep)?;
+            live = keep.iter().map(|&r| live[r]).collect();
+        }
+        let t = Tensor::from_vec(std::mem::take(&mut fed), (live.len(), 1), device)?;
         logits = model.step(&t, &mut cache)?;
     }
 }
 
-/// Index of the largest logit of `[1, vocab]`; ties go to the lowest index, as torch's argmax.
-fn argmax(logits: &Tensor) -> Result<u32> {
-    let row = logits
-        .flatten_all()?
-        .to_dtype(DType::F32)?
-        .to_vec1::<f32>()?;
-    let mut best = 0usize;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    Ok(best as u32)
+/// Index of the largest logit of each row of `[b, vocab]`; ties go to the lowest index, as torch's
+/// argmax.
+fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
+    let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let mut best = 0usize;
+            for (i, &v) in row.iter().enumerate() {
+                if v > row[best] {
+                    best = i;
+                }
+            }
+            best as u32
+        })
+        .collect())
 }
 
 /// Per-token log-probabilities (natural log) of `continuation` following `prompt`, from one
@@ -96,7 +229,7 @@ mod tests {
     use std::cell::Cell;
 
     use super::*;
-    use crate::model::{Injection, KvCache, VisionInput};
+    use crate::model::{Injection, VisionInput};
 
     /// A model that always predicts token 5 and records the longest sequence it was fed.
     struct Always5 {
@@ -156,7 +289,12 @@ mod tests {
             self.fed.set(ids.dim(1)?);
             self.logits()
         }
-        fn step(&self, t: &Tensor, _: &mut KvCache) -> Result<Tensor> {
+        fn step_rows(
+            &self,
+            t: &Tensor,
+            _: &mut KvCache,
+            _: crate::model::LogitRows<'_>,
+        ) -> Result<Tensor> {
             self.fed.set(self.fed.get() + t.dim(1)?);
             assert!(self.fed.get() <= self.limit, "fed past max_positions");
             self.logits()

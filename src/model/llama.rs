@@ -196,14 +196,14 @@ impl LlamaForCausalLm {
         mut cache: Option<&mut KvCache>,
         rows: LogitRows<'_>,
     ) -> candle_core::Result<Tensor> {
-        let (_, s, _) = embeds.dims3()?;
+        let (b, s, _) = embeds.dims3()?;
         let mut x = embeds.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| c.self_layer(i));
             x = layer.forward(&x, &self.rope, positions, mask, layer_cache)?;
         }
         if let Some(c) = cache {
-            c.advance(s);
+            c.advance(b, s);
         }
         let x = self.norm.forward(&rows.select(&x)?)?;
         self.lm_head.forward(&x)?.to_dtype(DType::F32)

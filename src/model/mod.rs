@@ -20,6 +20,7 @@ pub mod lora;
 pub mod loss;
 pub mod mllama;
 pub mod vision_input;
+pub mod vision_key;
 pub mod weights;
 
 use candle_core::{Device, Tensor};
@@ -104,6 +105,15 @@ impl LogitRows<'_> {
 pub trait VisionLanguageModel {
     /// Projected image features `[n_images, num_image_tokens, hidden]`.
     fn image_features(&self, vision: &VisionInput) -> Result<Tensor>;
+    /// What the family's cached vision group ([`ModelFamily::cached_vision_group`]) makes of
+    /// each picture, `[n, tokens, dim]`: given back as [`VisionInput::States`], the model goes on
+    /// from there exactly as from the pixels. An error for families without such a group.
+    fn vision_states(&self, vision: &VisionInput) -> Result<Tensor> {
+        let _ = vision;
+        Err(Error::Model(
+            "this model family cannot take precomputed vision states".into(),
+        ))
+    }
     /// How many placeholder tokens one image occupies in the prompt.
     fn num_image_tokens(&self) -> usize;
     fn image_token_id(&self) -> u32;
@@ -156,7 +166,17 @@ pub trait VisionLanguageModel {
         cache: &mut KvCache,
     ) -> Result<Tensor>;
     /// Append `tokens: [b, s]` (text only) to the cache; returns the last position's logits.
-    fn step(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
+    fn step(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        self.step_rows(tokens, cache, LogitRows::Last)
+    }
+    /// [`VisionLanguageModel::step`] with logits at `rows` of the new tokens (e.g. every position,
+    /// to score a continuation fed at once).
+    fn step_rows(
+        &self,
+        tokens: &Tensor,
+        cache: &mut KvCache,
+        rows: LogitRows<'_>,
+    ) -> Result<Tensor>;
 }
 
 /// `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).

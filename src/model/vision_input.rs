@@ -19,6 +19,10 @@ pub enum VisionInput {
         aspect_ratio_mask: Tensor,
         num_tiles: Vec<usize>,
     },
+    /// The vision tower's output for each picture, `[n, tokens, dim]`
+    /// ([`crate::model::VisionLanguageModel::vision_states`], e.g. from the frozen-vision
+    /// feature cache): the tower does not run again.
+    States(Tensor),
 }
 
 impl VisionInput {
@@ -97,6 +101,7 @@ impl VisionInput {
         match self {
             VisionInput::Pixels(t) => Ok(t.dim(0)?),
             VisionInput::Tiles { pixel_values, .. } => Ok(pixel_values.dim(0)?),
+            VisionInput::States(t) => Ok(t.dim(0)?),
         }
     }
 }

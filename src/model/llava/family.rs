@@ -29,6 +29,11 @@ impl ModelFamily for LlavaFamily {
         "llava"
     }
 
+    /// CLIP's selected hidden states, before the projector (which may train).
+    fn cached_vision_group(&self) -> Option<&'static str> {
+        Some("vision_tower")
+    }
+
     fn architectures(&self) -> &'static [&'static str] {
         &["LlavaForConditionalGeneration"]
     }

@@ -192,10 +192,25 @@ impl LlavaModel {
 
 impl VisionLanguageModel for LlavaModel {
     fn image_features(&self, vision: &VisionInput) -> Result<Tensor> {
-        let VisionInput::Pixels(pixel_values) = vision else {
-            return Err(Error::Model(
-                "LLaVA takes one fixed-size image per picture, not tiles".into(),
-            ));
+        let selected = match vision {
+            VisionInput::States(states) => states.clone(),
+            other => self.vision_states(other)?,
+        };
+        let projected = self.projector.forward(&selected)?;
+        Ok(projected.to_dtype(self.language_model.embedding_dtype())?)
+    }
+
+    /// CLIP's hidden states at the feature layer(s), the class token dropped under the
+    /// `default` strategy, concatenated along the feature axis: the projector's input.
+    fn vision_states(&self, vision: &VisionInput) -> Result<Tensor> {
+        let pixel_values = match vision {
+            VisionInput::Pixels(p) => p,
+            VisionInput::States(s) => return Ok(s.clone()),
+            VisionInput::Tiles { .. } => {
+                return Err(Error::Model(
+                    "LLaVA takes one fixed-size image per picture, not tiles".into(),
+                ))
+            }
         };
         let states = self
             .vision_tower
@@ -210,9 +225,7 @@ impl VisionLanguageModel for LlavaModel {
                 SelectStrategy::Full => Ok(h),
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let selected = Tensor::cat(&states, 2)?;
-        let projected = self.projector.forward(&selected)?;
-        Ok(projected.to_dtype(self.language_model.embedding_dtype())?)
+        Ok(Tensor::cat(&states, 2)?)
     }
 
     fn num_image_tokens(&self) -> usize {
@@ -269,25 +282,30 @@ impl VisionLanguageModel for LlavaModel {
         cache: &mut KvCache,
     ) -> Result<Tensor> {
         let embeds = self.input_embeds(input_ids, vision, None)?;
-        self.extend(&embeds, cache)
+        self.extend(&embeds, cache, LogitRows::Last)
     }
 
-    fn step(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    fn step_rows(
+        &self,
+        tokens: &Tensor,
+        cache: &mut KvCache,
+        rows: LogitRows<'_>,
+    ) -> Result<Tensor> {
         // Generated tokens are embedded as they are, an image token included: image features
         // enter only with the prompt, as in HF's generate.
         let embeds = self.text_embeds(&tokens.to_dtype(DType::U32)?.to_vec2::<u32>()?)?;
-        self.extend(&embeds, cache)
+        self.extend(&embeds, cache, rows)
     }
 }
 
 impl LlavaModel {
-    /// Append `embeds: [b, s, h]` to the cache; returns the last position's logits `[b, vocab]`.
-    fn extend(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    /// Append `embeds: [b, s, h]` to the cache; returns the logits at `rows`.
+    fn extend(&self, embeds: &Tensor, cache: &mut KvCache, rows: LogitRows<'_>) -> Result<Tensor> {
         let (b, s, _) = embeds.dims3()?;
         let offset = cache.len();
-        let valid = vec![vec![true; offset + s]; b];
-        let positions = position_ids(&valid, 0, &self.device)?.narrow(1, offset, s)?;
-        let mask = if s > 1 {
+        let valid = cache.key_valid(b, s)?;
+        let positions = Tensor::from_vec(cache.positions(b, s)?, (b, s), &self.device)?;
+        let mask = if s > 1 || cache.is_padded() {
             Some(attention_mask(&valid, s, offset, &self.device)?)
         } else {
             None
@@ -297,7 +315,7 @@ impl LlavaModel {
             &positions,
             mask.as_ref(),
             Some(cache),
-            LogitRows::Last,
+            rows,
         )?)
     }
 }

@@ -136,7 +136,8 @@ impl MllamaModel {
         } = vision
         else {
             return Err(Error::Model(
-                "Llama-3.2-Vision takes tiled images (MllamaImageProcessor), not plain pixels"
+                "Llama-3.2-Vision takes tiled images (MllamaImageProcessor), not plain pixels or \
+                 precomputed vision states"
                     .into(),
             ));
         };
@@ -193,12 +194,15 @@ impl MllamaModel {
     ) -> Result<Tensor> {
         let (b, s, _) = embeds.dims3()?;
         let offset = cache.as_ref().map_or(0, |c| c.len());
-        // HF Mllama's position ids are the cache positions, padding or not.
-        let positions: Vec<u32> = (0..b)
-            .flat_map(|_| (offset..offset + s).map(|p| p as u32))
-            .collect();
+        // HF Mllama's position ids are the cache positions, padding or not; a batch of stacked
+        // caches counts each row's own tokens ([`KvCache::positions`]), as the row had alone.
+        let positions = match &cache {
+            Some(c) => c.positions(b, s)?,
+            None => (0..b).flat_map(|_| 0..s as u32).collect(),
+        };
         let positions = Tensor::from_vec(positions, (b, s), &self.device)?;
-        let mask = if s > 1 {
+        let padded = valid.iter().any(|r| r.iter().any(|v| !v));
+        let mask = if s > 1 || padded {
             Some(attention_mask(valid, s, offset, &self.device)?)
         } else {
             None
@@ -314,7 +318,7 @@ impl VisionLanguageModel for MllamaModel {
                 None
             }
         };
-        let valid = vec![vec![true; cache.len() + s]; b];
+        let valid = cache.key_valid(b, s)?;
         self.run_text(
             &embeds,
             &valid,
@@ -324,7 +328,12 @@ impl VisionLanguageModel for MllamaModel {
         )
     }
 
-    fn step(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    fn step_rows(
+        &self,
+        tokens: &Tensor,
+        cache: &mut KvCache,
+        logit_rows: LogitRows<'_>,
+    ) -> Result<Tensor> {
         let rows = id_rows(tokens)?;
         let (b, s) = tokens.dims2()?;
         let embeds = self.embeds(&rows, None)?;
@@ -340,14 +349,8 @@ impl VisionLanguageModel for MllamaModel {
             }
             None => None,
         };
-        let valid = vec![vec![true; cache.len() + s]; b];
-        self.run_text(
-            &embeds,
-            &valid,
-            cross.as_ref(),
-            Some(cache),
-            LogitRows::Last,
-        )
+        let valid = cache.key_valid(b, s)?;
+        self.run_text(&embeds, &valid, cross.as_ref(), Some(cache), logit_rows)
     }
 }
 

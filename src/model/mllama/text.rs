@@ -227,7 +227,7 @@ impl MllamaTextModel {
         mut cache: Option<&mut KvCache>,
         rows: LogitRows<'_>,
     ) -> candle_core::Result<Tensor> {
-        let (_, s, _) = embeds.dims3()?;
+        let (b, s, _) = embeds.dims3()?;
         let mut x = embeds.clone();
         let (mut self_i, mut cross_i) = (0, 0);
         for layer in &self.layers {
@@ -247,7 +247,7 @@ impl MllamaTextModel {
             }
         }
         if let Some(c) = cache {
-            c.advance(s);
+            c.advance(b, s);
         }
         let x = self.norm.forward(&rows.select(&x)?)?;
         let logits = self.lm_head.forward(&x)?;

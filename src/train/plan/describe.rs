@@ -92,6 +92,14 @@ impl TrainPlan {
                 .unwrap_or_default(),
             self.cfg.data.shuffle
         ));
+        out.push_str(&match self.vision_cache() {
+            super::VisionCacheUse::On { dir, max_bytes } => format!(
+                "vision cache     on: {} (at most {:.1} GiB); cached pictures skip decoding and the tower\n",
+                dir.display(),
+                max_bytes as f64 / (1u64 << 30) as f64
+            ),
+            super::VisionCacheUse::Off(why) => format!("vision cache     off: {why}\n"),
+        });
         out.push_str(&format!(
             "training pairs   {} (after repeats)\nsteps/epoch      {} (batch {}, accumulation {})\ntotal steps      {} ({} epochs{})\n",
             self.pairs.len(),

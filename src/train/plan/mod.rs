@@ -60,6 +60,15 @@ impl Trainability {
     }
 }
 
+/// A stage's use of the frozen-vision feature cache ([`TrainPlan::vision_cache`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum VisionCacheUse {
+    /// Read and fill the cache under `dir`, bounded by `max_bytes`.
+    On { dir: PathBuf, max_bytes: u64 },
+    /// Not used, and why.
+    Off(String),
+}
+
 /// The stage's LoRA: the previous stage's adapter (trained further or frozen), or fresh adapters.
 #[derive(Debug, Clone)]
 pub struct StageLora {
@@ -213,6 +222,8 @@ impl TrainPlan {
                 max_positions: layout.max_positions,
                 shuffle: cfg.data.shuffle,
                 seed: cfg.train.seed,
+                // Set by the trainer once the weights are loaded (the cache's key needs them).
+                vision_cache: None,
             })
         } else {
             None
@@ -342,6 +353,46 @@ impl TrainPlan {
                 (g, t, trained)
             })
             .collect()
+    }
+
+    /// Whether this stage reads and fills the frozen-vision feature cache, and where; or why not.
+    pub fn vision_cache(&self) -> VisionCacheUse {
+        let cfg = &self.cfg.vision_cache;
+        if !cfg.enabled {
+            return VisionCacheUse::Off("vision_cache.enabled = false".into());
+        }
+        let Some(name) = self.layout.family.cached_vision_group() else {
+            return VisionCacheUse::Off(format!(
+                "the {} family's vision states are not cached",
+                self.layout.family.name()
+            ));
+        };
+        let Some((group, how, _)) = self
+            .group_trainability()
+            .into_iter()
+            .find(|(g, _, _)| g.name == name)
+        else {
+            return VisionCacheUse::Off(format!("the family has no `{name}` group"));
+        };
+        if how != Trainability::Frozen {
+            return VisionCacheUse::Off(format!("{name} is not frozen ({})", how.as_str()));
+        }
+        if let Some(lora) = &self.lora {
+            let adapted = self
+                .lora_modules
+                .iter()
+                .any(|(m, l)| l.runs && group.contains(&format!("{m}.weight")));
+            if adapted && lora.spec.dropout > 0.0 {
+                return VisionCacheUse::Off(format!(
+                    "LoRA dropout {} on {name}'s adapters makes its output random",
+                    lora.spec.dropout
+                ));
+            }
+        }
+        VisionCacheUse::On {
+            dir: cfg.dir_for(&self.cfg.train.output_dir),
+            max_bytes: cfg.max_bytes(),
+        }
     }
 
     /// Trainable parameter counts by role (`full` groups by name, `lora`, `proxy`), from the

@@ -16,7 +16,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::config::NonFinitePolicy;
-use crate::data::batch::{BatchMaker, HostBatch};
+use crate::data::batch::{BatchMaker, BatchPicture, HostBatch};
 use crate::data::loader::Prefetcher;
 use crate::error::{Error, Result};
 use crate::method::proxy::ProxyInstruction;
@@ -136,8 +136,7 @@ impl Trainer {
         // The LM head and the cross-entropy run only where a label follows.
         let loss_rows = LossRows::from_labels(&t.labels, self.model.vocab_size())?;
         let rows = loss_rows.index(&self.plan.device)?;
-        let vision = VisionInput::from_processed(&images, &self.plan.device)?;
-        drop(images);
+        let vision = self.vision_input(images)?;
         let inject = match &self.proxy {
             Some(p) => Some(Injection {
                 positions: t.proxy_positions.clone(),
@@ -153,6 +152,62 @@ impl Trainer {
             LogitRows::Flat(&rows),
         )?;
         loss_rows.loss(&logits)
+    }
+
+    /// A batch's pictures as the model's vision input: the pixels when no feature cache is in
+    /// use; otherwise the tower's states, from the cache or computed now for the pictures it
+    /// lacks (in one pass) and stored.
+    fn vision_input(&self, pictures: Vec<BatchPicture>) -> Result<VisionInput> {
+        let device = &self.plan.device;
+        let mut processed = Vec::new();
+        let mut keys = Vec::new();
+        let mut cached = Vec::new();
+        for p in pictures {
+            match p {
+                BatchPicture::Processed { image, cache_key } => {
+                    processed.push(image);
+                    keys.push(cache_key);
+                    cached.push(None);
+                }
+                BatchPicture::Cached(states) => cached.push(Some(states)),
+            }
+        }
+        let Some(cache) = &self.batches.vision_cache else {
+            if cached.iter().any(Option::is_some) {
+                return Err(Error::Model(
+                    "a batch holds cached vision states but the stage uses no cache".into(),
+                ));
+            }
+            return VisionInput::from_processed(&processed, device);
+        };
+        let computed = if processed.is_empty() {
+            None
+        } else {
+            let pixels = VisionInput::from_processed(&processed, device)?;
+            drop(processed);
+            Some(self.model.vision_states(&pixels)?)
+        };
+        let mut rows = Vec::with_capacity(cached.len());
+        let mut next = 0;
+        for c in cached {
+            match (c, &computed) {
+                (Some(states), _) => rows.push(states.to_device(device)?.unsqueeze(0)?),
+                (None, Some(all)) => {
+                    let row = all.narrow(0, next, 1)?;
+                    if let Some(key) = &keys[next] {
+                        cache.put(key, &row.squeeze(0)?)?;
+                    }
+                    rows.push(row);
+                    next += 1;
+                }
+                (None, None) => {
+                    return Err(Error::Model(
+                        "vision cache: a picture was neither cached nor processed".into(),
+                    ))
+                }
+            }
+        }
+        Ok(VisionInput::States(Tensor::cat(&rows, 0)?))
     }
 
     /// Run (or resume from checkpoint `resume`) this stage to its end, or to `train.stop_after`.
@@ -269,6 +324,19 @@ impl Trainer {
         }
         drop(batches);
         progress.finish();
+        if let Some(cache) = &self.batches.vision_cache {
+            let s = cache.stats();
+            tracing::info!(
+                "stage {stage_name}: vision cache served {} of {} pictures, stored {} ({} not: \
+                 full); {:.1} MiB in {}",
+                s.hits,
+                s.hits + s.misses,
+                s.stored,
+                s.refused,
+                s.bytes as f64 / (1u64 << 20) as f64,
+                cache.root().display()
+            );
+        }
         self.set_training(false);
         self.export(&out_dir)?;
         let all = MetricsLog::read_all(&metrics_path)?;

@@ -5,19 +5,25 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{Device, Var};
 
 use super::{Trainer, TrainerState};
 use crate::adapter::read_adapter;
 use crate::config::{InstructionMode, ProxyInit};
+use crate::data::feature_cache::FeatureCache;
 use crate::error::{Error, Result};
 use crate::method::proxy::ProxyInstruction;
 use crate::model::lora::LoraFactory;
+use crate::model::vision_key::vision_cache_key;
+use crate::model::weights::WeightStore;
 use crate::model::{LoadOptions, VisionLanguageModel};
 use crate::train::checkpoint::load_float_safetensors;
 use crate::train::optim::{AdamW, AdamWConfig, ParamGroup};
-use crate::train::plan::{recipe_lora_error, TrainPlan, FULL_WEIGHTS, PROXY_FILE, PROXY_PARAM};
+use crate::train::plan::{
+    recipe_lora_error, TrainPlan, VisionCacheUse, FULL_WEIGHTS, PROXY_FILE, PROXY_PARAM,
+};
 
 /// What a trainable tensor is, typed: the loop, the checkpoint and the exports dispatch on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +99,8 @@ impl Trainer {
                 },
             )
             .map_err(|e| recipe_lora_error(&plan.cfg, e))?;
+        let mut batches = batches;
+        batches.vision_cache = open_vision_cache(&plan, &store)?;
         let proxy = proxy_for_stage(&plan, model.as_ref(), &device)?;
         let mut params: Vec<TrainParam> = store
             .trainable_vars()
@@ -143,6 +151,32 @@ impl Trainer {
             state: TrainerState::default(),
         })
     }
+}
+
+/// The stage's frozen-vision feature cache, when the plan uses one: its key is computed from the
+/// loaded weights, and the plan's reading of the vision group (frozen) is checked against them.
+fn open_vision_cache(plan: &TrainPlan, store: &WeightStore) -> Result<Option<Arc<FeatureCache>>> {
+    let VisionCacheUse::On { dir, max_bytes } = plan.vision_cache() else {
+        return Ok(None);
+    };
+    let Some(key) = vision_cache_key(&plan.layout, store, &plan.processor)? else {
+        return Ok(None);
+    };
+    if key.trainable > 0 {
+        return Err(Error::Model(format!(
+            "stage `{}`: the plan reads {} as frozen, but {} of its parameters loaded as trainable",
+            plan.stage.name, key.group, key.trainable
+        )));
+    }
+    let cache = FeatureCache::open(&dir, &key.key, max_bytes)?;
+    let stats = cache.stats();
+    tracing::info!(
+        "vision cache {} ({} MiB used of {} MiB)",
+        cache.dir().display(),
+        stats.bytes >> 20,
+        max_bytes >> 20
+    );
+    Ok(Some(Arc::new(cache)))
 }
 
 /// The loaded trainable set must be what the plan (and `--dry-run`) announced from the layout:
