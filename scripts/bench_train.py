@@ -317,14 +317,18 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[str, str, flo
     return out, err, usage.ru_maxrss / 1024.0
 
 
-def recipe(model: Path, pairs: Path, out: Path, dtype: str, steps: int, batch: int) -> str:
+def recipe(model: Path, manifest: Path, out: Path, dtype: str, steps: int | None, batch: int,
+           epochs: int = 1000, cache: bool = False) -> str:
+    """The lvlm-ift recipe of the benchmark. The frozen-vision feature cache is off unless asked
+    for: PyTorch has none, so the side-by-side table compares the same work."""
+    max_steps = f"max_steps = {steps}" if steps else ""
     return f"""# written by scripts/bench_train.py
 [model]
 path = "{model}"
 dtype = "{dtype}"
 
 [data]
-train = [{{ manifest = "{pairs / 'pairs.jsonl'}" }}]
+train = [{{ manifest = "{manifest}" }}]
 instruction_mode = "fixed"
 instruction = "{INSTRUCTION}"
 shuffle = "none"
@@ -348,8 +352,11 @@ output_dir = "{out}"
 batch_size = {batch}
 grad_accum = 1
 seed = 0
-epochs = 1000
-max_steps = {steps}
+epochs = {epochs}
+{max_steps}
+
+[vision_cache]
+enabled = {"true" if cache else "false"}
 """
 
 
@@ -358,13 +365,42 @@ def lvlm_train(binary: Path, work: Path, model: Path, pairs: Path, dtype: str, s
     if out.exists():
         shutil.rmtree(out)
     cfg = work / f"recipe-{model.name}-{dtype}.toml"
-    cfg.write_text(recipe(model, pairs, out, "f32" if dtype == "fp32" else "bf16", steps, batch))
+    cfg.write_text(recipe(model, pairs / "pairs.jsonl", out, "f32" if dtype == "fp32" else "bf16", steps, batch))
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     _, _, rss = run_measured([str(binary), "train", "--config", str(cfg), "--quiet"], env)
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
     times = [m["step_sec"] for m in metrics]
     tokens = [round(m["tokens_per_sec"] * m["step_sec"]) for m in metrics]
     return {"step_sec": times, "tokens": tokens, "loss": [m["loss"] for m in metrics], "peak_rss_mib": rss}
+
+
+def cache_compare(binary: Path, work: Path, model: Path, pairs: Path, batch: int, threads: int) -> dict:
+    """lvlm-ift alone (no peer has a feature cache): two epochs over the first 16 pairs with the
+    frozen-vision feature cache on, epoch 1 filling it and epoch 2 served from it."""
+    manifest = pairs / "pairs16.jsonl"
+    lines = [l for l in (pairs / "pairs.jsonl").read_text().splitlines() if l.strip()]
+    manifest.write_text("\n".join(lines[:16]) + "\n")
+    out = work / f"run-{model.name}-cache"
+    if out.exists():
+        shutil.rmtree(out)
+    cfg = work / f"recipe-{model.name}-cache.toml"
+    cfg.write_text(recipe(model, manifest, out, "f32", None, batch, epochs=2, cache=True))
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    _, _, rss = run_measured([str(binary), "train", "--config", str(cfg), "--quiet"], env)
+    metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    per_epoch = 16 // batch
+    # Step 1 pays one-off costs: epoch 1's figure is the median of its other steps.
+    e1 = statistics.median(m["step_sec"] for m in metrics[1:per_epoch])
+    e2 = statistics.median(m["step_sec"] for m in metrics[per_epoch:2 * per_epoch])
+    files = [f for f in (out / "vision-cache").rglob("*.safetensors")]
+    return {
+        "epoch1_s_per_step": e1,
+        "epoch2_s_per_step": e2,
+        "speedup": e1 / e2,
+        "entries": len(files),
+        "cache_mib": sum(f.stat().st_size for f in files) / 2**20,
+        "peak_rss_mib": rss,
+    }
 
 
 def peer_train_run(py: str, model: Path, pairs: Path, dtype: str, steps: int, batch: int, threads: int):
@@ -407,7 +443,10 @@ def run_all(args) -> None:
         if not (model / "config.json").exists():
             run_measured([py, __file__, "make-model", "--out", str(model), "--image-size", str(size), "--patch", str(patch)])
         for dtype in args.dtypes:
-            steps = args.steps
+            # PyTorch's bf16 matmul has no fast path on CPUs without AMX/AVX-512-BF16: a step takes
+            # minutes there, so its bf16 steps may be fewer (the one-off first step is excluded
+            # only when there are two or more).
+            steps = args.peer_bf16_steps if dtype == "bf16" and args.peer_bf16_steps else args.steps
             key = f"{variant}/{dtype}/{steps}/{args.batch}/{args.threads}"
             cache = work / "peer-results.json"
             cached = json.loads(cache.read_text()) if cache.exists() else {}
@@ -418,14 +457,19 @@ def run_all(args) -> None:
                 theirs = summarise(peer_train_run(py, model, pairs, dtype, steps, args.batch, args.threads))
                 cached[key] = theirs
                 cache.write_text(json.dumps(cached, indent=2))
-            ours = summarise(lvlm_train(binary, work, model, pairs, dtype, steps, args.batch, args.threads))
+            ours = summarise(lvlm_train(binary, work, model, pairs, dtype, args.steps, args.batch, args.threads))
             rows.append((variant, dtype, ours, theirs))
             log(f"{variant} {dtype}: lvlm-ift {ours}, peer {theirs}")
+    cache_res = None
+    if args.cache:
+        model = work / f"llava-100m-{args.variants[0]}"
+        cache_res = cache_compare(binary, work, model, pairs, args.batch, args.threads)
+        log(f"vision cache: {cache_res}")
     evals = None
     if args.eval:
         evals = eval_compare(binary, py, work, args)
-    print_table(rows, evals, args)
-    (work / "results.json").write_text(json.dumps({"train": rows, "eval": evals}, indent=2))
+    print_table(rows, evals, cache_res, args)
+    (work / "results.json").write_text(json.dumps({"train": rows, "cache": cache_res, "eval": evals}, indent=2))
 
 
 def eval_compare(binary: Path, py: str, work: Path, args) -> dict:
@@ -435,26 +479,44 @@ def eval_compare(binary: Path, py: str, work: Path, args) -> dict:
         run_measured([str(binary), "prepare", "--benchmark", "wbcatt", "--source",
                       str(ROOT / "tests/fixtures/bench/wbcatt"), "--out", str(data)])
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
-    out_dir = work / "eval-generate"
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    _, _, rss = run_measured(
-        [str(binary), "eval", "--benchmark", "wbcatt", "--data", str(data), "--model", str(model),
-         "--scoring", "generate", "--split", "test", "--out", str(out_dir), "--quiet"], env)
-    report = json.loads(next(out_dir.rglob("report.json")).read_text())
-    ours = {"items_per_sec": report["items_per_sec"], "peak_rss_mib": rss}
+    ours = {}
+    for scoring in ("generate", "likelihood"):
+        out_dir = work / f"eval-{scoring}"
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        _, _, rss = run_measured(
+            [str(binary), "eval", "--benchmark", "wbcatt", "--data", str(data), "--model", str(model),
+             "--scoring", scoring, "--split", "test", "--out", str(out_dir), "--quiet"], env)
+        report = json.loads(next(out_dir.rglob("report.json")).read_text())
+        preds = [json.loads(l) for l in (out_dir / "predictions.jsonl").read_text().splitlines() if l.strip()]
+        ours[scoring] = {"items_per_sec": report["items_per_sec"], "peak_rss_mib": rss,
+                         "texts": {p["id"]: p.get("raw") for p in preds}}
     penv = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     out, _, prss = run_measured(
         [py, __file__, "peer-eval", "--model", str(model), "--items", str(data / "mcq_test.jsonl"),
          "--threads", str(args.threads)], penv)
     theirs = json.loads(out)
     theirs["peak_rss_mib"] = prss
-    return {"lvlm-ift": ours, "hf-generate": {k: theirs[k] for k in ("items_per_sec", "peak_rss_mib", "items")}}
+    # Same work: both tools must have generated the same answers (hence the same token counts).
+    mine = ours["generate"]["texts"]
+    differ = [k for k, v in theirs["texts"].items() if mine.get(k) != v]
+    if differ:
+        raise SystemExit(f"eval: lvlm-ift and HF generated different texts for {len(differ)} of "
+                         f"{len(mine)} items, e.g. {differ[0]}: {mine.get(differ[0])!r} vs "
+                         f"{theirs['texts'][differ[0]]!r}")
+    log(f"eval: equal texts for all {len(mine)} items; HF new tokens per item: "
+        f"{sorted(set(theirs['new_tokens'].values()))}")
+    for v in ours.values():
+        del v["texts"]
+    return {"lvlm-ift": ours["generate"], "lvlm-ift-likelihood": ours["likelihood"],
+            "hf-generate": {k: theirs[k] for k in ("items_per_sec", "peak_rss_mib", "items")}}
 
 
-def print_table(rows, evals, args) -> None:
+def print_table(rows, evals, cache_res, args) -> None:
+    bf16 = (f"; PyTorch bf16: {args.peer_bf16_steps} steps"
+            if args.peer_bf16_steps and "bf16" in args.dtypes else "")
     print(f"\nTraining: batch {args.batch}, LoRA r=8 on LM q/k/v/o, AdamW, {args.threads} threads, "
-          f"{args.steps} steps (median of steps 2..{args.steps})")
+          f"{args.steps} steps (median of steps 2..{args.steps}){bf16}")
     print("| image tokens | precision | tool | s/step | tokens/s | peak RSS MiB | speed vs peer | RSS vs peer |")
     print("|---|---|---|---|---|---|---|---|")
     for variant, dtype, ours, theirs in rows:
@@ -466,6 +528,12 @@ def print_table(rows, evals, args) -> None:
               f"{ours['peak_rss_mib']:.0f} | {speed:.2f}x | {mem:.2f}x |")
         if abs(ours["tokens_per_step"] - theirs["tokens_per_step"]) > 0.02 * theirs["tokens_per_step"]:
             print(f"  WARNING: tokens per step differ: {ours['tokens_per_step']} vs {theirs['tokens_per_step']}")
+    if cache_res:
+        c = cache_res
+        print(f"\nFrozen-vision feature cache (lvlm-ift only; {args.variants[0]} image tokens, fp32, "
+              f"16 pairs, 2 epochs): epoch 1 {c['epoch1_s_per_step']:.3f} s/step, epoch 2 "
+              f"{c['epoch2_s_per_step']:.3f} s/step ({c['speedup']:.2f}x); {c['entries']} entries, "
+              f"{c['cache_mib']:.1f} MiB; peak RSS {c['peak_rss_mib']:.0f} MiB")
     if evals:
         o, t = evals["lvlm-ift"], evals["hf-generate"]
         print(f"\nEval (WBCAtt fixture test split, {t['items']} items, generate, 50 new tokens max):")
@@ -474,6 +542,9 @@ def print_table(rows, evals, args) -> None:
         print(f"| HF generate | {t['items_per_sec']:.3f} | {t['peak_rss_mib']:.0f} | 1.00 |")
         print(f"| lvlm-ift eval | {o['items_per_sec']:.3f} | {o['peak_rss_mib']:.0f} | "
               f"{o['items_per_sec'] / t['items_per_sec']:.2f}x |")
+        lk = evals["lvlm-ift-likelihood"]
+        print(f"| lvlm-ift eval, likelihood scoring | {lk['items_per_sec']:.3f} | {lk['peak_rss_mib']:.0f} | "
+              f"{lk['items_per_sec'] / t['items_per_sec']:.2f}x |")
 
 
 def main() -> None:
@@ -505,6 +576,10 @@ def main() -> None:
     r.add_argument("--batch", type=int, default=4)
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--no-eval", dest="eval", action="store_false")
+    r.add_argument("--no-cache", dest="cache", action="store_false",
+                   help="skip the frozen-vision feature cache measurement (lvlm-ift only)")
+    r.add_argument("--peer-bf16-steps", type=int, default=None,
+                   help="PyTorch's bf16 steps (default --steps): minutes each on CPUs without AMX")
     r.add_argument("--reuse-peer", action="store_true",
                    help="take PyTorch's figures from an earlier run's peer-results.json (development only: "
                         "a table for the record runs both tools)")

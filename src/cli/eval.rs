@@ -75,7 +75,7 @@ pub struct EvalArgs {
     /// Items predicted together: items about one image share its features and prompt prefix, and
     /// a batch decodes together (one weight read per generated position for all its items).
     /// Answers are those of item-by-item evaluation up to float rounding; 1 turns batching off.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
     batch_size: u64,
     /// Output directory [default: DATA/eval-<split>-<scoring>].
     #[arg(long)]
