@@ -149,16 +149,15 @@ pub fn greedy_batch(
         return Ok(out);
     }
     let kept: Vec<&Prefilled> = live.iter().map(|&i| &starts[i]).collect();
-    let caches: Vec<KvCache> = kept.iter().map(|s| s.cache.clone()).collect();
+    let mut caches: Vec<KvCache> = kept.iter().map(|s| s.cache.clone()).collect();
     let mut cache = if caches.len() == 1 {
-        caches
-            .into_iter()
-            .next()
-            .unwrap_or_else(|| model.new_cache())
+        caches.remove(0)
     } else {
         KvCache::stack(&caches)?
     };
     let mut logits = Tensor::cat(&kept.iter().map(|s| &s.logits).collect::<Vec<_>>(), 0)?;
+    // The stacked batch is a copy: the single-row caches go now.
+    drop(caches);
     drop(starts);
     loop {
         let next = argmax_rows(&logits)?;
@@ -172,12 +171,12 @@ pub fn greedy_batch(
         if keep.is_empty() {
             return Ok(out);
         }
-        let mut fed: Vec<u32> = keep.iter().map(|&r| next[r]).collect();
+        let fed: Vec<u32> = keep.iter().map(|&r| next[r]).collect();
         if keep.len() < live.len() {
             cache = cache.select_rows(&keep)?;
             live = keep.iter().map(|&r| live[r]).collect();
         }
-        let t = Tensor::from_vec(std::mem::take(&mut fed), (live.len(), 1), device)?;
+        let t = Tensor::from_vec(fed, (live.len(), 1), device)?;
         logits = model.step(&t, &mut cache)?;
     }
 }
