@@ -174,14 +174,7 @@ fn rows_leave_the_batch_as_they_stop() {
             .iter()
             .zip(prefill_shared(m, &prompts, Some(&vision), &s.device).unwrap())
         {
-            let d = (&a.logits - &b.logits)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let (d, _) = common::diff(&a.logits, &b.logits);
             assert!(
                 d < 1e-4,
                 "{model}: shared-prefix prefill logits differ by {d}"

@@ -46,14 +46,7 @@ fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f32 {
         .zip(b)
         .map(|((na, ta), (nb, tb))| {
             assert_eq!(na, nb);
-            (ta - tb)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
+            common::diff(ta, tb).0
         })
         .fold(0.0, f32::max)
 }
