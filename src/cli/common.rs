@@ -6,7 +6,7 @@ use anyhow::Context;
 use candle_core::DType;
 use clap::{Args, ValueEnum};
 
-use crate::data::feature_cache::CacheLocation;
+use crate::data::feature_cache::{gib_to_bytes, CacheLocation};
 use crate::data::processor::AspectMode;
 use crate::session::{Prompt, Session, SessionOptions};
 
@@ -81,7 +81,7 @@ impl ModelArgs {
             full_weights: self.full_weights.clone(),
             vision_cache: self.vision_cache.clone().map(|dir| CacheLocation {
                 dir,
-                max_bytes: (self.vision_cache_gib * (1u64 << 30) as f64) as u64,
+                max_bytes: gib_to_bytes(self.vision_cache_gib),
             }),
         };
         let gib = self.vision_cache_gib;

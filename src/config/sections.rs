@@ -336,7 +336,7 @@ impl VisionCacheSection {
     }
 
     pub fn max_bytes(&self) -> u64 {
-        (self.max_gib * (1u64 << 30) as f64) as u64
+        crate::data::feature_cache::gib_to_bytes(self.max_gib)
     }
 }
 

@@ -37,6 +37,11 @@ pub struct CacheLocation {
     pub max_bytes: u64,
 }
 
+/// `gib` GiB in bytes (the cache bound as recipes and flags give it).
+pub fn gib_to_bytes(gib: f64) -> u64 {
+    (gib * (1u64 << 30) as f64) as u64
+}
+
 /// What a cache did so far (for the stage's log and the benchmark).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CacheStats {
@@ -82,6 +87,7 @@ pub fn content_key(path: &Path) -> Result<String> {
     Ok(hex(&hasher.finalize()))
 }
 
+/// Lower-case hex of `bytes` (content keys; also the checkpoint's RNG seed).
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

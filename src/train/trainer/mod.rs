@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::NonFinitePolicy;
 use crate::data::batch::{BatchMaker, BatchPicture, HostBatch};
+use crate::data::feature_cache::hex;
 use crate::data::loader::Prefetcher;
 use crate::error::{Error, Result};
 use crate::method::proxy::ProxyInstruction;
@@ -32,7 +33,6 @@ use crate::train::schedule::Schedule;
 
 mod persist;
 mod setup;
-use persist::hex;
 pub use setup::{ParamRole, TrainParam};
 
 /// Saved in every checkpoint next to the weights and optimizer moments.
