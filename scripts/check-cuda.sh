@@ -11,7 +11,7 @@ venv=target/cuda-venv
 req=scripts/requirements-cuda.txt
 if [ ! -x "$venv/bin/python" ] || ! cmp -s "$req" "$venv/requirements-cuda.txt"; then
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$req"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check --retries 10 --timeout 60 -r "$req"
     cp "$req" "$venv/requirements-cuda.txt"
 fi
 site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
