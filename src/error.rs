@@ -38,6 +38,9 @@ pub enum Error {
     Model(String),
     #[error("hub: {0}")]
     Hub(String),
+    /// Data-parallel training: the launcher environment, the rendezvous, a collective.
+    #[error("data parallel: {0}")]
+    Distributed(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

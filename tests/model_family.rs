@@ -14,17 +14,6 @@ use lvlm_ift::model::family::{family_of, layout};
 use lvlm_ift::model::weights::WeightStore;
 use lvlm_ift::train::recipe::describe_recipe;
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        msg.push_str(": ");
-        msg.push_str(&c.to_string());
-        cur = c.source();
-    }
-    msg
-}
-
 /// A copy of `model`'s directory without its weight files.
 fn config_only_copy(model: &str, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -89,7 +78,7 @@ fn an_unknown_architecture_is_named_with_the_supported_ones() {
     let tmp = tempfile::tempdir().unwrap();
     let write = |json: &str| std::fs::write(tmp.path().join("config.json"), json).unwrap();
     write(r#"{"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl"}"#);
-    let e = error_chain(&family_of(tmp.path()).err().unwrap());
+    let e = common::error_chain(&family_of(tmp.path()).err().unwrap());
     assert!(
         e.contains("Qwen2VLForConditionalGeneration")
             && e.contains("LlavaForConditionalGeneration")
@@ -100,10 +89,10 @@ fn an_unknown_architecture_is_named_with_the_supported_ones() {
     write(r#"{"model_type": "llava"}"#);
     assert_eq!(family_of(tmp.path()).unwrap().name(), "llava");
     write(r#"{"model_type": "bert"}"#);
-    let e = error_chain(&family_of(tmp.path()).err().unwrap());
+    let e = common::error_chain(&family_of(tmp.path()).err().unwrap());
     assert!(e.contains("`bert`") && e.contains("llava"), "{e}");
     write(r#"{"architectures": "LlavaForConditionalGeneration"}"#);
-    let e = error_chain(&family_of(tmp.path()).err().unwrap());
+    let e = common::error_chain(&family_of(tmp.path()).err().unwrap());
     assert!(e.contains("architectures") && e.contains("list"), "{e}");
 }
 
@@ -122,11 +111,11 @@ fn a_dry_run_needs_no_weight_file_and_counts_what_training_loads() {
         .unwrap()
     };
     let cfg = recipe(&model, &tmp.path().join("out"));
-    let plan = describe_recipe(&cfg).unwrap_or_else(|e| panic!("{}", error_chain(&e)));
-    let with_weights = describe_recipe(&recipe(
-        &fixtures().join("tiny-llava"),
-        &tmp.path().join("out"),
-    ))
+    let plan = describe_recipe(&cfg, 1).unwrap_or_else(|e| panic!("{}", common::error_chain(&e)));
+    let with_weights = describe_recipe(
+        &recipe(&fixtures().join("tiny-llava"), &tmp.path().join("out")),
+        1,
+    )
     .unwrap();
     // Same plan with and without the weights, up to the model path.
     assert_eq!(
@@ -147,7 +136,7 @@ fn a_dry_run_needs_no_weight_file_and_counts_what_training_loads() {
     let e = lvlm_ift::train::recipe::run_recipe(&cfg, lvlm_ift::train::recipe::Resume::No, true)
         .err()
         .unwrap();
-    let e = error_chain(&e);
+    let e = common::error_chain(&e);
     assert!(e.contains("config-only"), "{e}");
 }
 
@@ -161,7 +150,7 @@ fn full_groups_name_the_family_groups_and_a_typo_lists_them() {
         &ov,
     )
     .unwrap();
-    let e = error_chain(&describe_recipe(&cfg).err().unwrap());
+    let e = common::error_chain(&describe_recipe(&cfg, 1).err().unwrap());
     assert!(
         e.contains("full.groups[0]")
             && e.contains("`projector`")

@@ -36,19 +36,8 @@ fn run_err(out: &Path, extra: &[&str]) -> String {
     let cfg = recipe(out, &s(extra)).unwrap();
     match run_recipe(&cfg, Resume::No, true) {
         Ok(_) => panic!("{extra:?} trained"),
-        Err(e) => error_chain(&e),
+        Err(e) => common::error_chain(&e),
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        msg.push_str(": ");
-        msg.push_str(&c.to_string());
-        cur = c.source();
-    }
-    msg
 }
 
 fn lvlm(args: &[&str]) -> std::process::Output {
@@ -137,7 +126,7 @@ fn resume_refuses_a_checkpoint_whose_position_this_stage_cannot_reach() {
         fs::write(&state_path, serde_json::to_string(&v).unwrap()).unwrap();
         let cfg = recipe(&out, &s(&["train.epochs=2"])).unwrap();
         let e = run_recipe(&cfg, Resume::Checkpoint(ckpt.clone()), true).unwrap_err();
-        error_chain(&e)
+        common::error_chain(&e)
     };
     let e = resume(&|v| v["step"] = 999.into());
     assert!(e.contains("checkpoint-2") && e.contains("999"), "{e}");
@@ -155,12 +144,15 @@ fn resume_refuses_a_checkpoint_whose_position_this_stage_cannot_reach() {
     let renamed = out.join("checkpoints/checkpoint-1");
     fs::rename(&ckpt, &renamed).unwrap();
     let cfg = recipe(&out, &s(&["train.epochs=2"])).unwrap();
-    let e = error_chain(&run_recipe(&cfg, Resume::Checkpoint(renamed.clone()), true).unwrap_err());
+    let e = common::error_chain(
+        &run_recipe(&cfg, Resume::Checkpoint(renamed.clone()), true).unwrap_err(),
+    );
     assert!(e.contains("checkpoint-1 but its step is 2"), "{e}");
     // The position fits, but this recipe (no accumulation) puts another step there.
     fs::rename(&renamed, &ckpt).unwrap();
     let cfg = recipe(&out, &s(&["train.epochs=2", "train.grad_accum=1"])).unwrap();
-    let e = error_chain(&run_recipe(&cfg, Resume::Checkpoint(ckpt.clone()), true).unwrap_err());
+    let e =
+        common::error_chain(&run_recipe(&cfg, Resume::Checkpoint(ckpt.clone()), true).unwrap_err());
     assert!(e.contains("is step") && e.contains("says step 2"), "{e}");
     // And the untouched checkpoint still resumes.
     let cfg = recipe(&out, &s(&["train.epochs=2"])).unwrap();
@@ -423,11 +415,11 @@ fn settings_the_model_bounds_are_refused_before_anything_is_allocated() {
     let dry = |extra: &[&str]| -> String {
         let cfg = match recipe(&out, &s(extra)) {
             Ok(c) => c,
-            Err(e) => return error_chain(&e),
+            Err(e) => return common::error_chain(&e),
         };
-        match lvlm_ift::train::recipe::describe_recipe(&cfg) {
+        match lvlm_ift::train::recipe::describe_recipe(&cfg, 1) {
             Ok(_) => panic!("{extra:?} accepted"),
-            Err(e) => error_chain(&e),
+            Err(e) => common::error_chain(&e),
         }
     };
     let e = dry(&["lora.r=1000000000"]);

@@ -4,6 +4,7 @@
 mod common;
 mod eval;
 mod generate;
+mod launch;
 mod merge;
 mod prepare;
 mod score;

@@ -177,6 +177,16 @@ impl ProxyInstruction {
         }
         Ok(())
     }
+
+    /// Replace the vectors and their average by what `take` makes of them, keeping the variable
+    /// identity (data-parallel ranks take rank 0's).
+    pub fn sync_from(&mut self, take: impl Fn(&Tensor) -> Result<Tensor>) -> Result<()> {
+        self.var.set(&take(self.var.as_tensor())?)?;
+        if let Some(e) = &self.ema {
+            self.ema = Some(take(e)?);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

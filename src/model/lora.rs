@@ -197,6 +197,12 @@ impl LoraRuntime {
         rng.set_word_pos(word_pos);
         *self.rng.lock().expect("poisoned") = rng;
     }
+    /// Restart the generator at `seed`, stream `stream` (a data-parallel rank's per-step draws).
+    pub fn reseed(&self, seed: u64, stream: u64) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(stream);
+        *self.rng.lock().expect("poisoned") = rng;
+    }
     /// Inverted-dropout keep mask scaled by 1/(1-p), shape `dims`.
     fn dropout_mask(&self, dims: &[usize], p: f64, device: &Device) -> Result<Tensor> {
         let n: usize = dims.iter().product();

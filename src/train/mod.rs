@@ -1,6 +1,7 @@
 //! Train stage: optimizer and schedules, the training loop, checkpoints, metrics.
 
 pub mod checkpoint;
+pub mod distributed;
 pub mod lock;
 pub mod metrics;
 pub mod optim;

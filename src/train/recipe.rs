@@ -2,14 +2,20 @@
 //! the previous one's outputs (adapter, fully trained weights, proxy vectors). A finished stage
 //! leaves a `COMPLETE` marker; `--resume` skips finished stages and continues the first
 //! unfinished one from its newest (or the given) checkpoint.
+//!
+//! With several data-parallel ranks every rank runs the recipe; rank 0 alone holds the output
+//! lock, writes the resolved recipe, clears leftovers and writes each stage's outputs, and the
+//! others wait for it (a barrier) wherever they next read what it wrote.
 
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use serde::Serialize;
 
 use crate::config::{StageSpec, TrainConfig};
 use crate::error::{Error, Result};
 use crate::train::checkpoint::{resolve_resume, write_atomic, CheckpointManager};
+use crate::train::distributed::{Collective, Solo};
 use crate::train::lock::OutputLock;
 use crate::train::metrics::{plot_loss, MetricsLog};
 use crate::train::plan::TrainPlan;
@@ -35,8 +41,9 @@ struct StageSummary<'a> {
     final_loss: Option<f64>,
 }
 
-/// Print every stage's plan (from each model's `config.json`; no weight is read, nothing trained).
-pub fn describe_recipe(cfg: &TrainConfig) -> Result<String> {
+/// Print every stage's plan (from each model's `config.json`; no weight is read, nothing trained)
+/// for a run of `world_size` data-parallel ranks.
+pub fn describe_recipe(cfg: &TrainConfig, world_size: usize) -> Result<String> {
     let mut out = String::new();
     let stages = cfg.stage_specs();
     for (i, stage) in stages.iter().enumerate() {
@@ -46,16 +53,46 @@ pub fn describe_recipe(cfg: &TrainConfig) -> Result<String> {
             .map(|j| stages[j].output_dir.clone())
             .filter(|p| p.join(COMPLETE).is_file());
         out.push_str(&format!("== stage {}/{}\n", i + 1, stages.len()));
-        out.push_str(&TrainPlan::build_for_dry_run(cfg, stage, previous.as_deref())?.describe()?);
+        out.push_str(
+            &TrainPlan::build_for_dry_run(cfg, stage, previous.as_deref(), world_size)?
+                .describe()?,
+        );
     }
     Ok(out)
 }
 
-/// Run the recipe; returns the outcome of every stage that ran.
+/// Run the recipe alone; returns the outcome of every stage that ran.
 pub fn run_recipe(cfg: &TrainConfig, resume: Resume, quiet: bool) -> Result<Vec<TrainOutcome>> {
-    let stages = cfg.stage_specs();
-    // Held until the recipe returns: a second run into this directory fails naming this one.
-    let _lock = OutputLock::acquire(&cfg.train.output_dir)?;
+    run_recipe_on(cfg, resume, quiet, Rc::new(Solo))
+}
+
+/// Run the recipe as one rank of `collective` (every rank calls this with the same recipe).
+pub fn run_recipe_on(
+    cfg: &TrainConfig,
+    resume: Resume,
+    quiet: bool,
+    collective: Rc<dyn Collective>,
+) -> Result<Vec<TrainOutcome>> {
+    let rank0 = collective.rank() == 0;
+    let _lock = if rank0 {
+        Some(prepare_output(cfg)?)
+    } else {
+        None
+    };
+    collective.barrier()?;
+    let outcomes = run_stages(cfg, resume, quiet || !rank0, &collective, rank0);
+    if outcomes.is_ok() {
+        // The others return only once rank 0 has written everything.
+        collective.barrier()?;
+    }
+    outcomes
+}
+
+/// Rank 0 before any stage: take the output lock (held until the recipe returns: a second run
+/// into this directory fails naming this one), write the resolved recipe, clear what a killed
+/// run left.
+fn prepare_output(cfg: &TrainConfig) -> Result<OutputLock> {
+    let lock = OutputLock::acquire(&cfg.train.output_dir)?;
     let resolved = toml::to_string_pretty(cfg)
         .map_err(|e| Error::Model(format!("cannot serialise the recipe: {e}")))?;
     write_atomic(
@@ -64,7 +101,7 @@ pub fn run_recipe(cfg: &TrainConfig, resume: Resume, quiet: bool) -> Result<Vec<
     )?;
     // Holding the lock, what a killed run left (half-written checkpoints, prunes, temp files)
     // is ours to clear, before `--resume latest` looks for the newest checkpoint.
-    for stage in &stages {
+    for stage in &cfg.stage_specs() {
         let checkpoints = CheckpointManager::new(&stage.output_dir.join("checkpoints"), None);
         for path in checkpoints
             .clean_stale()?
@@ -77,6 +114,17 @@ pub fn run_recipe(cfg: &TrainConfig, resume: Resume, quiet: bool) -> Result<Vec<
             );
         }
     }
+    Ok(lock)
+}
+
+fn run_stages(
+    cfg: &TrainConfig,
+    resume: Resume,
+    quiet: bool,
+    collective: &Rc<dyn Collective>,
+    rank0: bool,
+) -> Result<Vec<TrainOutcome>> {
+    let stages = cfg.stage_specs();
     let explicit = match &resume {
         Resume::Checkpoint(dir) => Some(stage_of_checkpoint(&stages, dir)?),
         _ => None,
@@ -110,20 +158,22 @@ pub fn run_recipe(cfg: &TrainConfig, resume: Resume, quiet: bool) -> Result<Vec<
             (Resume::Checkpoint(dir), Some(k)) if i == k => Some(dir.clone()),
             _ => None,
         };
-        if from.is_none() {
+        if from.is_none() && rank0 {
             // A fresh start of this stage must not inherit a stale completion marker.
             let marker = stage.output_dir.join(COMPLETE);
             if marker.exists() {
                 std::fs::remove_file(&marker).map_err(|e| Error::io(&marker, e))?;
             }
         }
-        let plan = TrainPlan::build(cfg, stage, previous.as_deref())?;
+        let plan =
+            TrainPlan::build_for_world(cfg, stage, previous.as_deref(), collective.world_size())?;
         if !quiet {
             eprint!("== stage {}/{}\n{}", i + 1, stages.len(), plan.describe()?);
         }
-        let outcome = Trainer::new(plan)?.run(from.as_deref(), quiet)?;
+        let outcome =
+            Trainer::with_collective(plan, collective.clone())?.run(from.as_deref(), quiet)?;
         let halted = !outcome.complete;
-        if !halted {
+        if !halted && rank0 {
             let summary = StageSummary {
                 stage: &stage.name,
                 steps: outcome.steps,
@@ -133,13 +183,15 @@ pub fn run_recipe(cfg: &TrainConfig, resume: Resume, quiet: bool) -> Result<Vec<
                 .map_err(|e| Error::json(stage.output_dir.join(COMPLETE), e))?;
             write_atomic(&stage.output_dir.join(COMPLETE), json.as_bytes())?;
         }
+        // The next stage (on every rank) starts from the outputs rank 0 has just written.
+        collective.barrier()?;
         previous = Some(stage.output_dir.clone());
         outcomes.push(outcome);
         if halted {
             break;
         }
     }
-    if stages.len() > 1 {
+    if stages.len() > 1 && rank0 {
         let mut all = Vec::new();
         for s in &stages {
             let path = s.output_dir.join("metrics.jsonl");

@@ -105,7 +105,7 @@ fn state_err(reason: impl Into<String>) -> Error {
 }
 
 /// The dtype the update math and moments use for a param of dtype `dtype`.
-fn math_dtype(dtype: DType) -> Option<DType> {
+pub(crate) fn math_dtype(dtype: DType) -> Option<DType> {
     match dtype {
         DType::F64 => Some(DType::F64),
         d if d.is_float() => Some(DType::F32),

@@ -101,11 +101,20 @@ impl TrainPlan {
             super::VisionCacheUse::Off(why) => format!("vision cache     off: {why}\n"),
         });
         out.push_str(&format!(
-            "training pairs   {} (after repeats)\nsteps/epoch      {} (batch {}, accumulation {})\ntotal steps      {} ({} epochs{})\n",
+            "training pairs   {} (after repeats)\nsteps/epoch      {} (batch {}, accumulation {}{})\ntotal steps      {} ({} epochs{})\n",
             self.pairs.len(),
             self.steps_per_epoch,
             self.cfg.train.batch_size,
             self.cfg.train.grad_accum,
+            if self.world_size > 1 {
+                format!(
+                    ", {} data-parallel ranks: {} samples per step",
+                    self.world_size,
+                    self.global_micro_batch() * self.cfg.train.grad_accum
+                )
+            } else {
+                String::new()
+            },
             self.total_steps,
             self.stage.epochs,
             self.stage.max_steps.map(|m| format!(", max_steps {m}")).unwrap_or_default()

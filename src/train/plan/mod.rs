@@ -101,6 +101,9 @@ pub struct TrainPlan {
     pub batches: Option<BatchMaker>,
     pub steps_per_epoch: usize,
     pub total_steps: usize,
+    /// Data-parallel ranks: each step's global batch is `world_size` × `train.batch_size` ×
+    /// `train.grad_accum` samples, every rank taking its shard of each micro-batch.
+    pub world_size: usize,
     /// Where the previous stage's outputs came from, if any.
     pub previous: Option<PathBuf>,
 }
@@ -108,7 +111,17 @@ pub struct TrainPlan {
 impl TrainPlan {
     /// Plan `stage` of `cfg`, continuing from the outputs of the stage before it (`previous`).
     pub fn build(cfg: &TrainConfig, stage: &StageSpec, previous: Option<&Path>) -> Result<Self> {
-        Self::build_with(cfg, stage, previous, false)
+        Self::build_with(cfg, stage, previous, false, 1)
+    }
+
+    /// [`TrainPlan::build`] for one of `world_size` data-parallel ranks.
+    pub fn build_for_world(
+        cfg: &TrainConfig,
+        stage: &StageSpec,
+        previous: Option<&Path>,
+        world_size: usize,
+    ) -> Result<Self> {
+        Self::build_with(cfg, stage, previous, false, world_size)
     }
 
     /// [`TrainPlan::build`] for `--dry-run`: the device is not opened (a CUDA recipe is planned
@@ -118,8 +131,9 @@ impl TrainPlan {
         cfg: &TrainConfig,
         stage: &StageSpec,
         previous: Option<&Path>,
+        world_size: usize,
     ) -> Result<Self> {
-        Self::build_with(cfg, stage, previous, true)
+        Self::build_with(cfg, stage, previous, true, world_size)
     }
 
     fn build_with(
@@ -127,7 +141,11 @@ impl TrainPlan {
         stage: &StageSpec,
         previous: Option<&Path>,
         dry_run: bool,
+        world_size: usize,
     ) -> Result<Self> {
+        if world_size == 0 {
+            return Err(Error::Model("a run needs at least one rank".into()));
+        }
         let device = if dry_run {
             Device::Cpu
         } else {
@@ -228,7 +246,7 @@ impl TrainPlan {
         } else {
             None
         };
-        let micro_per_epoch = pairs.len().div_ceil(cfg.train.batch_size);
+        let micro_per_epoch = pairs.len().div_ceil(cfg.train.batch_size * world_size);
         let steps_per_epoch = micro_per_epoch.div_ceil(cfg.train.grad_accum);
         let all = steps_per_epoch
             .checked_mul(stage.epochs)
@@ -255,6 +273,7 @@ impl TrainPlan {
             batches,
             steps_per_epoch,
             total_steps,
+            world_size,
             previous: previous.map(Path::to_path_buf),
         };
         check_every_choice_trains(&plan)?;
@@ -265,8 +284,14 @@ impl TrainPlan {
         &self.layout.dir
     }
 
+    /// Global micro-batches per epoch (each of `world_size` × `train.batch_size` samples).
     pub fn micro_batches_per_epoch(&self) -> usize {
-        self.pairs.len().div_ceil(self.cfg.train.batch_size)
+        self.pairs.len().div_ceil(self.global_micro_batch())
+    }
+
+    /// Samples of one micro-batch over all ranks.
+    pub fn global_micro_batch(&self) -> usize {
+        self.cfg.train.batch_size * self.world_size
     }
 
     /// The batch builder; an error for a plan made without tokenizer files.

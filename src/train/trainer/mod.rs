@@ -3,9 +3,13 @@
 //! hooks, metrics, atomic checkpoints, exact resume, and the stage's outputs.
 //!
 //! [`Trainer::new`] (`setup`) loads what a [`TrainPlan`] announced; `persist` holds the
-//! checkpoint contents, resume and exports; this file the loop.
+//! checkpoint contents, resume and exports; `ranks` what data-parallel ranks add (shared token
+//! counts, summed gradients); this file the loop. With several ranks every rank runs this loop
+//! on its shard of each global micro-batch, and rank 0 alone writes metrics, checkpoints and
+//! outputs.
 
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -26,12 +30,14 @@ use crate::model::loss::LossRows;
 use crate::model::weights::WeightStore;
 use crate::model::{Injection, LogitRows, VisionInput, VisionLanguageModel};
 use crate::train::checkpoint::CheckpointManager;
+use crate::train::distributed::{shard, Collective};
 use crate::train::metrics::{plot_loss, MetricsLog, StepMetrics, TrainProgress};
 use crate::train::optim::{AdamW, Gradients};
 use crate::train::plan::{TrainPlan, PROXY_PARAM};
 use crate::train::schedule::Schedule;
 
 mod persist;
+mod ranks;
 mod setup;
 pub use setup::{ParamRole, TrainParam};
 
@@ -49,6 +55,14 @@ pub struct TrainerState {
     /// Steps dropped for a non-finite loss or gradient (`train.on_nonfinite = "skip"`).
     #[serde(default)]
     pub skipped_nonfinite: u64,
+    /// Data-parallel ranks that wrote this state (a resume needs as many: the data position and
+    /// the dropout streams depend on it).
+    #[serde(default = "one_rank")]
+    pub world_size: usize,
+}
+
+fn one_rank() -> usize {
+    1
 }
 
 /// What a finished (or halted) stage produced.
@@ -99,6 +113,8 @@ pub struct Trainer {
     schedule: Schedule,
     lora_runtime: Option<Arc<LoraRuntime>>,
     state: TrainerState,
+    /// This process's ranks ([`crate::train::distributed::Solo`] when alone).
+    collective: Rc<dyn Collective>,
 }
 
 impl Trainer {
@@ -111,14 +127,15 @@ impl Trainer {
         order
     }
 
-    /// Micro-batches of `epoch` from `start` on, built ahead on worker threads.
+    /// This rank's micro-batches of `epoch` from `start` on, built ahead on worker threads: its
+    /// shard of each global micro-batch (all of it with one rank).
     fn epoch_batches(&self, epoch: usize, start: usize) -> Prefetcher<HostBatch> {
         let order = self.epoch_order(epoch);
-        let bs = self.plan.cfg.train.batch_size;
+        let (rank, world) = (self.collective.rank(), self.world_size());
         let jobs: Vec<Vec<usize>> = order
-            .chunks(bs)
+            .chunks(self.plan.global_micro_batch())
             .skip(start)
-            .map(<[usize]>::to_vec)
+            .map(|global| shard(global, rank, world).to_vec())
             .collect();
         let maker = self.batches.clone();
         Prefetcher::new(jobs, WORKERS, PREFETCH, move |idx: Vec<usize>| {
@@ -223,14 +240,22 @@ impl Trainer {
                 self.state.step
             );
         }
+        self.state.world_size = self.world_size();
+        self.sync_params_from_rank0()?;
+        let rank0 = self.is_rank0();
+        let quiet = quiet || !rank0;
         let stage_name = self.plan.stage.name.clone();
         let checkpoints =
             CheckpointManager::new(&out_dir.join("checkpoints"), self.plan.cfg.train.keep_last);
         let metrics_path = out_dir.join("metrics.jsonl");
-        let mut metrics = MetricsLog::open(
-            &metrics_path,
-            resume.map(|_| (stage_name.clone(), self.state.step)),
-        )?;
+        let mut metrics = if rank0 {
+            Some(MetricsLog::open(
+                &metrics_path,
+                resume.map(|_| (stage_name.clone(), self.state.step)),
+            )?)
+        } else {
+            None
+        };
         let total_steps = self.plan.total_steps;
         let progress = TrainProgress::new(&stage_name, total_steps as u64, self.state.step, quiet);
         self.set_training(true);
@@ -253,6 +278,7 @@ impl Trainer {
             let first_micro = self.state.micro_batch;
             let mut window = self.next_window(&mut batches, micro_per_epoch)?;
             let lr = self.schedule.lr(self.state.step as usize);
+            self.reseed_dropout_for_step();
             let done = self.step(&mut window, lr)?;
             if let Some(what) = &done.fault {
                 let sources: Vec<&str> = window
@@ -305,7 +331,9 @@ impl Trainer {
                 data_wait_sec: data_wait.as_secs_f64(),
                 skipped_nonfinite: state.skipped_nonfinite,
             };
-            metrics.write(&m)?;
+            if let Some(log) = &mut metrics {
+                log.write(&m)?;
+            }
             progress.update(&m);
             let periodic = self
                 .plan
@@ -313,7 +341,7 @@ impl Trainer {
                 .train
                 .save_every
                 .is_some_and(|n| self.state.step.is_multiple_of(n as u64));
-            if periodic || epoch_done || self.state.step as usize >= halt_at {
+            if rank0 && (periodic || epoch_done || self.state.step as usize >= halt_at) {
                 self.state.dropout_rng = self.lora_runtime.as_ref().map(|rt| {
                     let (seed, stream, pos) = rt.rng_state();
                     (hex(&seed), stream, pos.to_string())
@@ -338,6 +366,14 @@ impl Trainer {
             );
         }
         self.set_training(false);
+        if !rank0 {
+            return Ok(TrainOutcome {
+                output_dir: out_dir,
+                final_loss: last_loss,
+                steps: self.state.step,
+                complete: self.state.step as usize >= total_steps,
+            });
+        }
         self.export(&out_dir)?;
         let all = MetricsLog::read_all(&metrics_path)?;
         if !all.is_empty() {
@@ -353,6 +389,16 @@ impl Trainer {
             steps: self.state.step,
             complete: self.state.step as usize >= total_steps,
         })
+    }
+
+    /// With several ranks, each step's LoRA dropout masks come from (seed, step, rank): every
+    /// rank draws its own, and a resume needs no rank's generator state but the step. One rank
+    /// keeps one stream for the whole stage (saved in its checkpoints).
+    fn reseed_dropout_for_step(&self) {
+        if let (Some(rt), true) = (&self.lora_runtime, self.world_size() > 1) {
+            let seed = self.plan.cfg.train.seed.wrapping_add(1) ^ self.state.step.rotate_left(32);
+            rt.reseed(seed, self.collective.rank() as u64);
+        }
     }
 
     /// LoRA dropout on (training) or off.
@@ -389,8 +435,14 @@ impl Trainer {
     /// One optimizer step on a window: the proxy's before-step hook, forward and backward of
     /// every micro-batch, clipping, and — only when loss and gradients are finite — the update
     /// and the proxy's after-step hook. A non-finite step applies nothing and reports why.
+    ///
+    /// With several ranks the window's loss tokens are counted over all ranks first, so each
+    /// micro-batch's loss is weighted by its share of the global window and the summed gradients
+    /// are those of one batch holding every rank's samples; a non-finite loss on any rank skips
+    /// (or stops) the step on all.
     fn step(&mut self, window: &mut [HostBatch], lr: f64) -> Result<StepDone> {
-        let window_tokens: usize = window.iter().map(|b| b.text.num_label_tokens).sum();
+        let local_tokens: usize = window.iter().map(|b| b.text.num_label_tokens).sum();
+        let window_tokens = self.sum_figures(&[local_tokens as f64])?[0] as usize;
         if let Some(p) = &self.proxy {
             p.before_step()?;
         }
@@ -401,15 +453,17 @@ impl Trainer {
             .collect();
         let mut grads = Gradients::new();
         let (mut loss_sum, mut tokens) = (0.0, 0usize);
+        let mut fault = None;
         for batch in window.iter_mut() {
+            if batch.sources.is_empty() {
+                // This rank's shard of a short last micro-batch is empty.
+                continue;
+            }
             let loss = self.loss(batch)?;
             let value = loss.to_scalar::<f32>()? as f64;
             if !value.is_finite() {
-                return Ok(StepDone::fault(
-                    format!("non-finite loss ({value})"),
-                    f64::NAN,
-                    tokens,
-                ));
+                fault = Some(format!("non-finite loss ({value})"));
+                break;
             }
             let share = batch.text.num_label_tokens as f64 / window_tokens as f64;
             loss_sum += value * share;
@@ -417,6 +471,18 @@ impl Trainer {
             grads.accumulate(g)?;
             tokens += batch.text.num_tokens;
         }
+        if self.world_size() > 1 {
+            let flag = f64::from(u8::from(fault.is_some()));
+            let sums = self.sum_figures(&[loss_sum, tokens as f64, flag])?;
+            (loss_sum, tokens) = (sums[0], sums[1] as usize);
+            if sums[2] > 0.0 && fault.is_none() {
+                fault = Some(format!("non-finite loss on {} of the ranks", sums[2]));
+            }
+        }
+        if let Some(what) = fault {
+            return Ok(StepDone::fault(what, f64::NAN, tokens));
+        }
+        self.sum_gradients(&mut grads, &named)?;
         let grad_norm = self.clip(&mut grads)?;
         if !grad_norm.is_finite() {
             return Ok(StepDone::fault(

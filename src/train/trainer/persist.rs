@@ -126,6 +126,13 @@ impl Trainer {
                 )));
             }
         }
+        if state.world_size != self.plan.world_size {
+            return Err(bad(format!(
+                "it was written by a run of {} data-parallel ranks, this one has {}: resume with \
+                 the same number of ranks (its data position and dropout streams depend on it)",
+                state.world_size, self.plan.world_size
+            )));
+        }
         if state.step as usize > self.plan.total_steps {
             return Err(bad(format!(
                 "step {} is past the {} steps of this stage (a checkpoint of a different recipe?)",

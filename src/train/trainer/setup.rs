@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use candle_core::{Device, Var};
@@ -20,6 +21,7 @@ use crate::model::vision_key::vision_cache_key;
 use crate::model::weights::WeightStore;
 use crate::model::{LoadOptions, VisionLanguageModel};
 use crate::train::checkpoint::load_float_safetensors;
+use crate::train::distributed::{Collective, Solo};
 use crate::train::optim::{AdamW, AdamWConfig, ParamGroup};
 use crate::train::plan::{
     recipe_lora_error, TrainPlan, VisionCacheUse, FULL_WEIGHTS, PROXY_FILE, PROXY_PARAM,
@@ -57,8 +59,22 @@ pub struct TrainParam {
 }
 
 impl Trainer {
-    /// Load the stage's model and trainable set (see the module docs).
+    /// Load the stage's model and trainable set (see the module docs), for a run alone.
     pub fn new(plan: TrainPlan) -> Result<Self> {
+        Self::with_collective(plan, Rc::new(Solo))
+    }
+
+    /// [`Trainer::new`] for one rank of a data-parallel run; the plan must be made for the
+    /// collective's world size ([`TrainPlan::build_for_world`]).
+    pub fn with_collective(plan: TrainPlan, collective: Rc<dyn Collective>) -> Result<Self> {
+        if plan.world_size != collective.world_size() {
+            return Err(Error::Distributed(format!(
+                "the plan of stage `{}` is for {} ranks, the run has {}",
+                plan.stage.name,
+                plan.world_size,
+                collective.world_size()
+            )));
+        }
         let batches = plan.batch_maker()?.clone();
         let device = plan.device.clone();
         let lora = match &plan.lora {
@@ -149,6 +165,7 @@ impl Trainer {
             schedule,
             lora_runtime,
             state: TrainerState::default(),
+            collective,
         })
     }
 }
