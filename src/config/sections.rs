@@ -297,6 +297,11 @@ pub struct TrainSection {
     /// A step whose loss or gradient norm is not finite: `error` (stop) or `skip` (counted).
     #[serde(default)]
     pub on_nonfinite: NonFinitePolicy,
+    /// Activation checkpointing: keep only each vision/decoder layer's input for the backward
+    /// pass and run the layer again there (one more forward per layer, a fraction of the
+    /// activation memory). Absent = on for `model.device = "cuda…"`, off on the CPU.
+    #[serde(default)]
+    pub activation_checkpointing: Option<bool>,
 }
 
 /// The frozen-vision feature cache ([`crate::data::feature_cache`]): used by a stage whose

@@ -4,9 +4,12 @@
 
 use candle_core::{DType, Module, Tensor};
 
+use std::sync::Arc;
+
 use crate::error::Result;
 use crate::model::config::VisionConfig;
 use crate::model::layers::{attention, quick_gelu, LayerNorm, Linear};
+use crate::model::recompute::Recompute;
 use crate::model::weights::Weights;
 
 /// Patch (conv, no bias) + class token + learned absolute positions.
@@ -163,6 +166,8 @@ pub struct ClipVisionTower {
     embeddings: ClipEmbeddings,
     pre_layrnorm: LayerNorm,
     layers: Vec<ClipEncoderLayer>,
+    /// Activation checkpointing of the encoder layers.
+    recompute: Option<Recompute>,
 }
 
 impl ClipVisionTower {
@@ -178,7 +183,13 @@ impl ClipVisionTower {
             embeddings,
             pre_layrnorm,
             layers,
+            recompute: None,
         })
+    }
+
+    /// Recompute each encoder layer in the backward pass instead of keeping its activations.
+    pub fn set_recompute(&mut self, recompute: Option<Recompute>) {
+        self.recompute = recompute;
     }
 
     /// Hidden states `[0 = after pre_layrnorm, i = after layer i]`, for the requested indices only,
@@ -199,7 +210,13 @@ impl ClipVisionTower {
         };
         keep(0, &x, &mut states);
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x)?;
+            x = match &self.recompute {
+                Some(rc) => {
+                    let l = layer.clone();
+                    rc.layer(&x, None, Arc::new(move |x, _| l.forward(x)))?
+                }
+                None => layer.forward(&x)?,
+            };
             keep(i + 1, &x, &mut states);
         }
         wanted

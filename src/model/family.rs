@@ -278,6 +278,13 @@ pub trait ModelFamily: Sync {
     /// The family's image processor, configured from the directory and checked against the
     /// vision encoder `layout` describes.
     fn image_processor(&self, layout: &ModelLayout, opts: &ImageOptions) -> Result<ImageProcessor>;
+    /// The layer stacks of a training forward (for the memory estimate); `max_tiles` caps
+    /// Mllama's tiles per image (`model.max_image_tiles`).
+    fn activation_profile(
+        &self,
+        layout: &ModelLayout,
+        max_tiles: Option<usize>,
+    ) -> Result<crate::model::activation_profile::ActivationProfile>;
     /// The group whose output [`VisionLanguageModel::vision_states`] returns, when the family can
     /// take those states back ([`crate::model::VisionInput::States`]) so that the frozen-vision
     /// feature cache can serve them; `None` when it cannot. Mllama cannot: its tiled states

@@ -245,6 +245,7 @@ mod tests {
     }
 
     impl VisionLanguageModel for Always5 {
+        fn set_recompute(&mut self, _: Option<crate::model::recompute::Recompute>) {}
         fn image_features(&self, _: &VisionInput) -> Result<Tensor> {
             Err(Error::Model("no vision".into()))
         }

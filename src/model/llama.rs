@@ -3,10 +3,13 @@
 
 use candle_core::{DType, Device, Module, Tensor};
 
+use std::sync::Arc;
+
 use crate::error::Result;
 use crate::model::cache::{KvCache, LayerCache};
 use crate::model::config::{RopeKind, TextConfig};
 use crate::model::layers::{attention, silu_mul, Embedding, Linear, RmsNorm, Rope};
+use crate::model::recompute::Recompute;
 use crate::model::weights::Weights;
 use crate::model::LogitRows;
 
@@ -141,6 +144,8 @@ pub struct LlamaForCausalLm {
     lm_head: Linear,
     rope: Rope,
     cfg: TextConfig,
+    /// Activation checkpointing of the decoder layers in training forwards (no cache).
+    recompute: Option<Recompute>,
 }
 
 impl LlamaForCausalLm {
@@ -170,7 +175,13 @@ impl LlamaForCausalLm {
             lm_head,
             rope,
             cfg: cfg.clone(),
+            recompute: None,
         })
+    }
+
+    /// Recompute each decoder layer in the backward pass instead of keeping its activations.
+    pub fn set_recompute(&mut self, recompute: Option<Recompute>) {
+        self.recompute = recompute;
     }
 
     pub fn config(&self) -> &TextConfig {
@@ -199,6 +210,20 @@ impl LlamaForCausalLm {
         let (b, s, _) = embeds.dims3()?;
         let mut x = embeds.clone();
         for (i, layer) in self.layers.iter().enumerate() {
+            if let (Some(rc), true) = (&self.recompute, cache.is_none()) {
+                let (l, rope, pos, m) = (
+                    layer.clone(),
+                    self.rope.clone(),
+                    positions.clone(),
+                    mask.cloned(),
+                );
+                x = rc.layer(
+                    &x,
+                    None,
+                    Arc::new(move |x, _| l.forward(x, &rope, &pos, m.as_ref(), None)),
+                )?;
+                continue;
+            }
             let layer_cache = cache.as_deref_mut().map(|c| c.self_layer(i));
             x = layer.forward(&x, &self.rope, positions, mask, layer_cache)?;
         }

@@ -4,6 +4,7 @@
 //! talk to that trait. [`family`] is the one place that reads `config.json` and picks the family
 //! ([`open`]).
 
+pub mod activation_profile;
 pub mod cache;
 pub mod checkpoint;
 pub mod clip;
@@ -19,6 +20,7 @@ pub mod llava;
 pub mod lora;
 pub mod loss;
 pub mod mllama;
+pub mod recompute;
 pub mod vision_input;
 pub mod vision_key;
 pub mod weights;
@@ -114,6 +116,9 @@ pub trait VisionLanguageModel {
             "this model family cannot take precomputed vision states".into(),
         ))
     }
+    /// Run every vision and decoder layer of training forwards through `recompute` (activation
+    /// checkpointing), or none (`None`). Generation with a cache never recomputes.
+    fn set_recompute(&mut self, recompute: Option<recompute::Recompute>);
     /// How many placeholder tokens one image occupies in the prompt.
     fn num_image_tokens(&self) -> usize;
     fn image_token_id(&self) -> u32;

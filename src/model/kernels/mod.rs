@@ -28,6 +28,11 @@ pub fn fused_for(ts: &[&Tensor]) -> bool {
     enabled() && host::all_cpu(ts)
 }
 
+/// Whether the fused kernels are switched on for this process (`LVLM_IFT_FUSED`).
+pub fn fused_enabled() -> bool {
+    enabled()
+}
+
 fn enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| std::env::var("LVLM_IFT_FUSED").map_or(true, |v| v != "0"))

@@ -10,6 +10,7 @@ use super::LlavaModel;
 use crate::data::processor::{ClipImageProcessor, ClipProcessorConfig, ImageProcessor};
 use crate::data::prompt::PromptDefaults;
 use crate::error::{Error, Result};
+use crate::model::activation_profile::{ActivationProfile, LayerKind, LayerStack, StackTokens};
 use crate::model::config::LlavaConfig;
 use crate::model::family::{
     ImageOptions, LinearModule, LoadOptions, ModelFamily, ModelLayout, ModuleGroup,
@@ -120,6 +121,52 @@ impl ModelFamily for LlavaFamily {
             });
         }
         Ok(ImageProcessor::Clip(processor))
+    }
+
+    fn activation_profile(
+        &self,
+        layout: &ModelLayout,
+        _max_tiles: Option<usize>,
+    ) -> Result<ActivationProfile> {
+        let cfg = LlavaConfig::from_file(&layout.config_path())?;
+        let (v, t) = (&cfg.vision, &cfg.text);
+        let features = cfg.vision_feature_layers.len() * v.hidden_size;
+        Ok(ActivationProfile {
+            stacks: vec![
+                LayerStack {
+                    name: "vision tower",
+                    prefix: format!("{VISION}."),
+                    kind: LayerKind::ClipEncoder,
+                    // Only the layers up to the deepest one read run.
+                    layers: feature_depth(&cfg),
+                    hidden: v.hidden_size,
+                    intermediate: v.intermediate_size,
+                    heads: v.num_attention_heads,
+                    kv_dim: v.hidden_size,
+                    tokens: StackTokens::PerImage(v.num_patches() + 1),
+                },
+                LayerStack {
+                    name: "language model",
+                    prefix: format!("{TEXT}."),
+                    kind: LayerKind::Decoder,
+                    layers: t.num_hidden_layers,
+                    hidden: t.hidden_size,
+                    intermediate: t.intermediate_size,
+                    heads: t.num_attention_heads,
+                    kv_dim: t.num_key_value_heads * t.head_dim,
+                    tokens: StackTokens::Text,
+                },
+            ],
+            vision_prefix: format!("{VISION}."),
+            text_hidden: t.hidden_size,
+            vocab: t.vocab_size,
+            projector: (features, t.hidden_size, layout.num_image_tokens),
+            vision_embedding: (
+                4 * v.hidden_size + v.num_channels * v.patch_size * v.patch_size,
+                v.num_patches() + 1,
+            ),
+            cross_bias_tokens: 0,
+        })
     }
 }
 

@@ -228,6 +228,11 @@ impl VisionLanguageModel for LlavaModel {
         Ok(Tensor::cat(&states, 2)?)
     }
 
+    fn set_recompute(&mut self, recompute: Option<crate::model::recompute::Recompute>) {
+        self.vision_tower.set_recompute(recompute.clone());
+        self.language_model.set_recompute(recompute);
+    }
+
     fn num_image_tokens(&self) -> usize {
         self.cfg.num_image_tokens()
     }

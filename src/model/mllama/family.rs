@@ -12,6 +12,7 @@ use crate::data::processor::{
 };
 use crate::data::prompt::PromptDefaults;
 use crate::error::{Error, Result};
+use crate::model::activation_profile::{ActivationProfile, LayerKind, LayerStack, StackTokens};
 use crate::model::family::{
     ImageOptions, LinearModule, LoadOptions, ModelFamily, ModelLayout, ModuleGroup, RowSlice,
 };
@@ -140,6 +141,76 @@ impl ModelFamily for MllamaFamily {
         }
         let processor = MllamaImageProcessor::new(pcfg, opts.aspect, opts.max_tiles)?;
         Ok(ImageProcessor::Mllama(processor))
+    }
+
+    fn activation_profile(
+        &self,
+        layout: &ModelLayout,
+        max_tiles: Option<usize>,
+    ) -> Result<ActivationProfile> {
+        let cfg = MllamaConfig::from_file(&layout.config_path())?;
+        let (v, t) = (&cfg.vision, &cfg.text);
+        // Every image padded to the full tile count (the worst case), each tile's patches and
+        // class token padded to a multiple of 8 in the encoder.
+        let tiles = max_tiles.unwrap_or(v.max_num_tiles);
+        let np = v.num_patches();
+        let per_image = tiles * np.div_ceil(8) * 8;
+        let vision = |name, prefix: &str, layers| LayerStack {
+            name,
+            prefix: format!("{VISION}.{prefix}"),
+            kind: LayerKind::MllamaVision,
+            layers,
+            hidden: v.hidden_size,
+            intermediate: v.intermediate_size,
+            heads: v.attention_heads,
+            kv_dim: v.hidden_size,
+            tokens: StackTokens::PerImage(per_image),
+        };
+        let cross = cfg.cross_attention_layers.len();
+        let text = |name, kind, layers| LayerStack {
+            name,
+            prefix: format!("{TEXT}."),
+            kind,
+            layers,
+            hidden: t.hidden_size,
+            intermediate: t.intermediate_size,
+            heads: t.num_attention_heads,
+            kv_dim: t.num_key_value_heads * t.head_dim,
+            tokens: StackTokens::Text,
+        };
+        Ok(ActivationProfile {
+            stacks: vec![
+                vision("vision encoder", "transformer.", v.num_hidden_layers),
+                vision(
+                    "global vision encoder",
+                    "global_transformer.",
+                    v.num_global_layers,
+                ),
+                text(
+                    "self-attention layers",
+                    LayerKind::Decoder,
+                    t.num_hidden_layers - cross,
+                ),
+                text(
+                    "cross-attention layers",
+                    LayerKind::CrossAttention {
+                        image_tokens: tiles * np,
+                    },
+                    cross,
+                ),
+            ],
+            vision_prefix: format!("{VISION}."),
+            text_hidden: t.hidden_size,
+            vocab: t.vocab_size,
+            projector: (v.vision_output_dim, t.hidden_size, tiles * np),
+            vision_embedding: (
+                15 * v.hidden_size
+                    + v.num_channels * v.patch_size * v.patch_size
+                    + 2 * v.vision_output_dim,
+                per_image,
+            ),
+            cross_bias_tokens: tiles * np,
+        })
     }
 }
 

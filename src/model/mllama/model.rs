@@ -243,6 +243,11 @@ impl VisionLanguageModel for MllamaModel {
     }
 
     /// The image is one `<|image|>` token; its features reach the text through cross-attention.
+    fn set_recompute(&mut self, recompute: Option<crate::model::recompute::Recompute>) {
+        self.vision.set_recompute(recompute.clone());
+        self.text.set_recompute(recompute);
+    }
+
     fn num_image_tokens(&self) -> usize {
         1
     }

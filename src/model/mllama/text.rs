@@ -10,11 +10,14 @@
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::config::MllamaConfig;
+use std::sync::Arc;
+
 use crate::error::Result;
 use crate::model::cache::{KvCache, LayerCache};
 use crate::model::config::TextConfig;
 use crate::model::layers::{attention, Embedding, Linear, RmsNorm, Rope};
 use crate::model::llama::{inv_freq, DecoderLayer, Mlp};
+use crate::model::recompute::Recompute;
 use crate::model::weights::Weights;
 use crate::model::LogitRows;
 
@@ -160,6 +163,8 @@ pub struct MllamaTextModel {
     norm: RmsNorm,
     lm_head: Linear,
     rope: Rope,
+    /// Activation checkpointing of every layer in training forwards (no cache).
+    recompute: Option<Recompute>,
 }
 
 impl MllamaTextModel {
@@ -192,7 +197,13 @@ impl MllamaTextModel {
             norm,
             lm_head,
             rope,
+            recompute: None,
         })
+    }
+
+    /// Recompute each layer in the backward pass instead of keeping its activations.
+    pub fn set_recompute(&mut self, recompute: Option<Recompute>) {
+        self.recompute = recompute;
     }
 
     pub fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
@@ -231,6 +242,10 @@ impl MllamaTextModel {
         let mut x = embeds.clone();
         let (mut self_i, mut cross_i) = (0, 0);
         for layer in &self.layers {
+            if let (Some(rc), true) = (&self.recompute, cache.is_none()) {
+                x = self.recomputed_layer(rc, layer, &x, positions, mask, cross)?;
+                continue;
+            }
             match layer {
                 TextLayer::SelfAttention(l) => {
                     let c = cache.as_deref_mut().map(|c| c.self_layer(self_i));
@@ -255,6 +270,52 @@ impl MllamaTextModel {
         match logits.dtype() {
             DType::F64 => Ok(logits),
             _ => logits.to_dtype(DType::F32),
+        }
+    }
+}
+
+impl MllamaTextModel {
+    /// One layer of a training forward through [`Recompute`]: the image states of a
+    /// cross-attention layer are an input of the checkpoint (the vision side may train), its
+    /// bias and row mask constants.
+    fn recomputed_layer(
+        &self,
+        rc: &Recompute,
+        layer: &TextLayer,
+        x: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        cross: Option<&CrossInputs>,
+    ) -> candle_core::Result<Tensor> {
+        match layer {
+            TextLayer::SelfAttention(l) => {
+                let (l, rope, pos, m) = (
+                    l.clone(),
+                    self.rope.clone(),
+                    positions.clone(),
+                    mask.cloned(),
+                );
+                rc.layer(
+                    x,
+                    None,
+                    Arc::new(move |x, _| l.forward(x, &rope, &pos, m.as_ref(), None)),
+                )
+            }
+            TextLayer::CrossAttention(l) => {
+                let Some(cross) = cross else {
+                    return Ok(x.clone());
+                };
+                let (l, bias, row_mask) = (l.clone(), cross.bias.clone(), cross.row_mask.clone());
+                let f = move |x: &Tensor, states: Option<&Tensor>| {
+                    let inputs = CrossInputs {
+                        states: states.cloned(),
+                        bias: bias.clone(),
+                        row_mask: row_mask.clone(),
+                    };
+                    l.forward(x, &inputs, None)
+                };
+                rc.layer(x, cross.states.as_ref(), Arc::new(f))
+            }
         }
     }
 }

@@ -10,8 +10,11 @@
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::config::MllamaVisionConfig;
+use std::sync::Arc;
+
 use crate::error::Result;
 use crate::model::layers::{attention, LayerNorm, Linear};
+use crate::model::recompute::Recompute;
 use crate::model::weights::Weights;
 
 /// Self-attention of a vision layer (no bias, no RoPE, all heads attend).
@@ -185,6 +188,8 @@ pub struct MllamaVisionModel {
     transformer: Vec<VisionLayer>,
     global_transformer: Vec<VisionLayer>,
     cfg: MllamaVisionConfig,
+    /// Activation checkpointing of the local and global encoder layers.
+    recompute: Option<Recompute>,
 }
 
 /// `nn.LayerNorm`'s default eps: `layernorm_pre`/`layernorm_post` do not take `norm_eps`.
@@ -221,7 +226,28 @@ impl MllamaVisionModel {
             transformer: layers("transformer", cfg.num_hidden_layers, false)?,
             global_transformer: layers("global_transformer", cfg.num_global_layers, true)?,
             cfg: cfg.clone(),
+            recompute: None,
         })
+    }
+
+    /// Recompute each encoder layer in the backward pass instead of keeping its activations.
+    pub fn set_recompute(&mut self, recompute: Option<Recompute>) {
+        self.recompute = recompute;
+    }
+
+    fn run_layer(
+        &self,
+        layer: &VisionLayer,
+        x: &Tensor,
+        mask: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        match &self.recompute {
+            Some(rc) => {
+                let (l, m) = (layer.clone(), mask.clone());
+                rc.layer(x, None, Arc::new(move |x, _| l.forward(x, &m)))
+            }
+            None => layer.forward(x, mask),
+        }
     }
 
     /// `pixels: [n, tiles, 3, H, W]`, `ids: [n]` (u32 aspect-ratio ids), `tile_mask: [n, tiles]`
@@ -279,7 +305,7 @@ impl MllamaVisionModel {
         let mut x = x.reshape((n, tiles * len, h))?;
         let mut kept = Vec::with_capacity(self.cfg.intermediate_layers_indices.len());
         for (i, layer) in self.transformer.iter().enumerate() {
-            x = layer.forward(&x, &mask)?;
+            x = self.run_layer(layer, &x, &mask)?;
             if self.cfg.intermediate_layers_indices.contains(&i) {
                 kept.push((i, x.clone()));
             }
@@ -290,7 +316,7 @@ impl MllamaVisionModel {
             .forward(&x.reshape((n, tiles, len, h))?, ids)?;
         let mut x = x.reshape((n, tiles * len, h))?;
         for layer in &self.global_transformer {
-            x = layer.forward(&x, &mask)?;
+            x = self.run_layer(layer, &x, &mask)?;
         }
         let x = x.reshape((n, tiles, len, h))?.narrow(2, 0, np)?;
         // In the configured order (HF stacks them on a new last dim, then flattens it).

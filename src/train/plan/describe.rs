@@ -12,7 +12,6 @@ impl TrainPlan {
         let layout = &self.layout;
         let total_params = layout.total_params();
         let by_role = self.trainable_counts();
-        let trainable: usize = by_role.values().sum();
         let bytes = self.cfg.model.dtype.bytes() as f64;
         out.push_str(&format!(
             "stage            {} -> {}{}\n",
@@ -92,6 +91,14 @@ impl TrainPlan {
                 .unwrap_or_default(),
             self.cfg.data.shuffle
         ));
+        out.push_str(&format!(
+            "activation checkpointing {}\n",
+            if self.activation_checkpointing() {
+                "on: each vision/decoder layer keeps its input only and runs again in the backward pass"
+            } else {
+                "off: every layer keeps its activations for the backward pass"
+            }
+        ));
         out.push_str(&match self.vision_cache() {
             super::VisionCacheUse::On { dir, max_bytes } => format!(
                 "vision cache     on: {} (at most {:.1} GiB); cached pictures skip decoding and the tower\n",
@@ -119,20 +126,7 @@ impl TrainPlan {
             self.stage.epochs,
             self.stage.max_steps.map(|m| format!(", max_steps {m}")).unwrap_or_default()
         ));
-        // Frozen weights in the model dtype; every trainable tensor as an f32 value, gradient
-        // and two Adam moments. Activations are not estimated.
-        let full: usize = by_role
-            .iter()
-            .filter(|(role, _)| role.as_str() != "lora" && role.as_str() != super::PROXY_PARAM)
-            .map(|(_, n)| n)
-            .sum();
-        let mem = (total_params - full.min(total_params)) as f64 * bytes + trainable as f64 * 16.0;
-        out.push_str(&format!(
-            "memory estimate  {:.1} MB on {} (frozen weights as {} + trainable params, grads, Adam moments in f32; activations extra)\n",
-            mem / 1e6,
-            self.cfg.model.device,
-            self.cfg.model.dtype.as_str()
-        ));
+        out.push_str(&self.describe_memory()?);
         out.push_str(&format!(
             "optimizer        AdamW lr {} wd {} betas {:?} clip {:?} ({}), schedule {} warmup {:?}/{:?} min_lr {}\n",
             self.stage.lr,
@@ -208,4 +202,35 @@ impl TrainPlan {
 /// `<image><image>...` (n copies) shown as `<image>×n`.
 fn collapse(text: &str, token: &str, n: usize) -> String {
     text.replace(&token.repeat(n), &format!("{token}×{n}"))
+}
+
+impl TrainPlan {
+    /// The memory lines of the plan: the estimate's parts, and its totals with and without
+    /// activation checkpointing for the largest micro-batch.
+    fn describe_memory(&self) -> Result<String> {
+        let batch = self.worst_batch()?;
+        let m = self.memory_estimate(batch)?;
+        let gib = |b: f64| b / (1u64 << 30) as f64;
+        let path = match self.op_path() {
+            super::memory::OpPath::Fused => "fused CPU kernels",
+            super::memory::OpPath::Composed => "composed ops",
+        };
+        Ok(format!(
+            "memory estimate  {:.2} GiB on {} per rank ({}): frozen weights {:.2} GiB as {}, trainable {:.2} + gradients {:.2} + AdamW moments {:.2} GiB in f32\n\
+             activations      {:.2} GiB with checkpointing, {:.2} GiB without (largest micro-batch: {} x {} tokens, {} loss tokens; {path})\n",
+            gib(m.total(m.checkpointing)),
+            self.cfg.model.device,
+            if m.checkpointing { "checkpointing on" } else { "checkpointing off" },
+            gib(m.frozen_weights),
+            self.cfg.model.dtype.as_str(),
+            gib(m.trainable),
+            gib(m.gradients),
+            gib(m.moments),
+            gib(m.activations_checkpointed),
+            gib(m.activations_full),
+            batch.samples,
+            batch.seq_len,
+            batch.label_tokens,
+        ))
+    }
 }

@@ -26,6 +26,7 @@ use crate::train::schedule::{Schedule, Warmup};
 
 mod checks;
 mod describe;
+pub mod memory;
 use checks::{check_every_choice_trains, check_lora_ranks, check_sequence_bounds, epochs_key};
 pub(crate) use checks::{describe_targets, recipe_lora_error};
 
@@ -287,6 +288,15 @@ impl TrainPlan {
     /// Global micro-batches per epoch (each of `world_size` × `train.batch_size` samples).
     pub fn micro_batches_per_epoch(&self) -> usize {
         self.pairs.len().div_ceil(self.global_micro_batch())
+    }
+
+    /// Whether layers are recomputed in the backward pass (`train.activation_checkpointing`,
+    /// by default on for a GPU).
+    pub fn activation_checkpointing(&self) -> bool {
+        self.cfg
+            .train
+            .activation_checkpointing
+            .unwrap_or_else(|| self.cfg.model.device.starts_with("cuda"))
     }
 
     /// Samples of one micro-batch over all ranks.

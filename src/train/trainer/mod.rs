@@ -27,6 +27,7 @@ use crate::error::{Error, Result};
 use crate::method::proxy::ProxyInstruction;
 use crate::model::lora::LoraRuntime;
 use crate::model::loss::LossRows;
+use crate::model::recompute::Recompute;
 use crate::model::weights::WeightStore;
 use crate::model::{Injection, LogitRows, VisionInput, VisionLanguageModel};
 use crate::train::checkpoint::CheckpointManager;
@@ -115,6 +116,8 @@ pub struct Trainer {
     state: TrainerState,
     /// This process's ranks ([`crate::train::distributed::Solo`] when alone).
     collective: Rc<dyn Collective>,
+    /// Activation checkpointing: the parameter gradients of recomputed layers come from here.
+    recompute: Option<Recompute>,
 }
 
 impl Trainer {
@@ -467,7 +470,7 @@ impl Trainer {
             }
             let share = batch.text.num_label_tokens as f64 / window_tokens as f64;
             loss_sum += value * share;
-            let g = Gradients::from_store(&named, &(loss * share)?.backward()?)?;
+            let g = Gradients::from_store(&named, &self.backward(&(loss * share)?)?)?;
             grads.accumulate(g)?;
             tokens += batch.text.num_tokens;
         }
@@ -502,6 +505,24 @@ impl Trainer {
             tokens,
             fault: None,
         })
+    }
+
+    /// The backward pass of a micro-batch's weighted loss, with the parameter gradients of
+    /// recomputed (checkpointed) layers merged in.
+    fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
+        let Some(rc) = &self.recompute else {
+            return Ok(loss.backward()?);
+        };
+        match loss.backward() {
+            Ok(mut store) => {
+                rc.merge_into(&mut store)?;
+                Ok(store)
+            }
+            Err(e) => {
+                rc.clear();
+                Err(e.into())
+            }
+        }
     }
 
     /// Clips the gradients by global norm over the clip scope and returns the norm of that

@@ -17,6 +17,7 @@ use crate::data::feature_cache::FeatureCache;
 use crate::error::{Error, Result};
 use crate::method::proxy::ProxyInstruction;
 use crate::model::lora::LoraFactory;
+use crate::model::recompute::Recompute;
 use crate::model::vision_key::vision_cache_key;
 use crate::model::weights::WeightStore;
 use crate::model::{LoadOptions, VisionLanguageModel};
@@ -154,6 +155,12 @@ impl Trainer {
         let optim = optimizer(&plan, &params)?;
         let schedule = plan.schedule()?;
         let lora_runtime = store.lora().map(|l| l.runtime());
+        let recompute = plan.activation_checkpointing().then(|| {
+            let vars = params.iter().map(|p| p.var.clone()).collect();
+            Recompute::new(vars, lora_runtime.clone())
+        });
+        let mut model = model;
+        model.set_recompute(recompute.clone());
         Ok(Self {
             plan,
             model,
@@ -166,6 +173,7 @@ impl Trainer {
             lora_runtime,
             state: TrainerState::default(),
             collective,
+            recompute,
         })
     }
 }
