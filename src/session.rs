@@ -125,6 +125,8 @@ impl Session {
                     None => Default::default(),
                 },
                 trainable_rows: Vec::new(),
+                // Nothing trains here.
+                trainable_dtype: candle_core::DType::F32,
             },
             &ImageOptions {
                 aspect: opts.aspect,

@@ -227,3 +227,48 @@ fn bad_recipes_fail_with_the_key_named() {
         assert!(plan.contains(needle), "plan lacks {needle}: {plan}");
     }
 }
+
+/// `model.trainable_dtype = "bf16"` (the reference's numerics, on a bf16 model): the trainable
+/// weights and AdamW's moments are bf16 in memory and in every checkpoint, the proxy-free LoRA +
+/// projector stage trains, and a resume continues bit for bit.
+#[test]
+fn bf16_trainable_weights_and_moments_train_and_resume_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bf16 = [
+        "model.dtype=bf16",
+        "model.trainable_dtype=bf16",
+        "train.epochs=1",
+    ];
+    let straight = tmp.path().join("straight");
+    let out = run_recipe(&recipe(&straight, &bf16), Resume::No, true).unwrap();
+    assert_eq!(out[0].steps, 3);
+    assert!(out[0].final_loss.unwrap().is_finite());
+    let ckpt = straight.join("checkpoints/checkpoint-3");
+    let weights = load_safetensors(&ckpt.join("trainable.safetensors"), &Device::Cpu).unwrap();
+    let moments = load_safetensors(&ckpt.join("optimizer.safetensors"), &Device::Cpu).unwrap();
+    assert!(weights
+        .values()
+        .all(|t| t.dtype() == candle_core::DType::BF16));
+    let exp_avg: Vec<_> = moments
+        .iter()
+        .filter(|(k, _)| k.starts_with("exp_avg"))
+        .collect();
+    assert!(!exp_avg.is_empty());
+    assert!(exp_avg
+        .iter()
+        .all(|(_, t)| t.dtype() == candle_core::DType::BF16));
+    let resumed = tmp.path().join("resumed");
+    let mut halt = bf16.to_vec();
+    halt.push("train.stop_after=2");
+    run_recipe(&recipe(&resumed, &halt), Resume::No, true).unwrap();
+    run_recipe(&recipe(&resumed, &bf16), Resume::Latest, true).unwrap();
+    let again = load_safetensors(
+        &resumed.join("checkpoints/checkpoint-3/trainable.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for (k, t) in &weights {
+        let d = common::diff(t, &again[k]).0;
+        assert_eq!(d, 0.0, "{k}: resumed run differs by {d}");
+    }
+}

@@ -163,6 +163,16 @@ pub struct ModelSection {
     /// `max_image_tiles`.
     #[serde(default)]
     pub max_image_tiles: Option<usize>,
+    /// What the trainable weights (full groups and LoRA adapters) and AdamW's moments are kept
+    /// in. `f32` (default): f32 master weights and moments whatever `dtype` is. `bf16`: the
+    /// reference recipe's numerics — torch's AdamW on bf16 parameters keeps them, their
+    /// moments and its update math in bf16. The proxy vectors stay f32 either way.
+    #[serde(default = "default_trainable_dtype")]
+    pub trainable_dtype: WeightDType,
+}
+
+fn default_trainable_dtype() -> WeightDType {
+    WeightDType::F32
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -211,6 +211,9 @@ pub struct LoadOptions {
     pub overrides: std::collections::HashMap<String, Tensor>,
     /// Row slices of weights that train while the rest of each weight stays frozen.
     pub trainable_rows: Vec<RowSlice>,
+    /// What trainable weights are held in (f32 unless the reference's bf16 numerics are asked
+    /// for; an f64 model keeps f64).
+    pub trainable_dtype: DType,
 }
 
 impl Default for LoadOptions {
@@ -221,6 +224,7 @@ impl Default for LoadOptions {
             trainable: None,
             lora: None,
             overrides: Default::default(),
+            trainable_dtype: DType::F32,
             trainable_rows: Vec::new(),
         }
     }
@@ -232,7 +236,8 @@ impl LoadOptions {
     /// from.
     pub fn open_store(self, dir: &Path, key_map: KeyMap) -> Result<WeightStore> {
         let files = crate::model::checkpoint::weight_files(dir)?;
-        let mut store = WeightStore::open(dir, &files, &self.device, self.dtype, key_map)?;
+        let mut store = WeightStore::open(dir, &files, &self.device, self.dtype, key_map)?
+            .with_trainable_dtype(self.trainable_dtype);
         if let Some(filter) = self.trainable {
             store = store.with_trainable(filter);
         }

@@ -278,6 +278,8 @@ pub struct LoraFactory {
     loaded: HashMap<String, (Tensor, Tensor)>,
     runtime: Arc<LoraRuntime>,
     created: Mutex<Vec<AdapterEntry>>,
+    /// What the A and B matrices are held in (f32 unless the reference's bf16 numerics).
+    dtype: DType,
 }
 
 impl LoraFactory {
@@ -291,7 +293,14 @@ impl LoraFactory {
             loaded: HashMap::new(),
             runtime: LoraRuntime::new(seed.wrapping_add(1)),
             created: Mutex::new(Vec::new()),
+            dtype: DType::F32,
         })
+    }
+
+    /// Hold the adapters in `dtype` (initialised in f32, then rounded once).
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
     }
 
     /// Use these weights (module name -> (A, B)) instead of initialising.
@@ -400,8 +409,8 @@ impl LoraFactory {
                     )));
                 }
                 (
-                    a.to_dtype(DType::F32)?.to_device(device)?,
-                    b.to_dtype(DType::F32)?.to_device(device)?,
+                    a.to_dtype(self.dtype)?.to_device(device)?,
+                    b.to_dtype(self.dtype)?.to_device(device)?,
                 )
             }
             None => {
@@ -412,8 +421,8 @@ impl LoraFactory {
                     .map(|_| rng.random_range(-bound..bound) as f32)
                     .collect();
                 (
-                    Tensor::from_vec(v, (r, in_dim), device)?,
-                    Tensor::zeros((out_dim, r), DType::F32, device)?,
+                    Tensor::from_vec(v, (r, in_dim), device)?.to_dtype(self.dtype)?,
+                    Tensor::zeros((out_dim, r), self.dtype, device)?,
                 )
             }
         };

@@ -50,6 +50,8 @@ pub struct WeightStore {
     overrides: std::collections::HashMap<String, Tensor>,
     /// Row slices `(weight, start, end)` that train while the rest of the weight stays frozen.
     trainable_rows: Vec<(String, usize, usize)>,
+    /// What trainable weights are held in.
+    trainable_dtype: DType,
 }
 
 impl WeightStore {
@@ -115,7 +117,14 @@ impl WeightStore {
             lora: None,
             overrides: std::collections::HashMap::new(),
             trainable_rows: Vec::new(),
+            trainable_dtype: DType::F32,
         })
+    }
+
+    /// Trainable weights are held in `dtype` (f32 by default; an f64 store keeps f64).
+    pub fn with_trainable_dtype(mut self, dtype: DType) -> Self {
+        self.trainable_dtype = dtype;
+        self
     }
 
     /// Weights whose canonical name passes `filter` are returned as `Var`s (kept in f32).
@@ -238,12 +247,13 @@ impl WeightStore {
         self.used.lock().expect("poisoned").insert(name.to_string());
         let trainable = self.trainable.as_ref().is_some_and(|f| f(name));
         if trainable {
-            // Trainable parameters live in f32 whatever the base dtype (see CANDLE.md); f64 stays
-            // f64 so gradient checks can run in double precision.
+            // Trainable parameters live in f32 whatever the base dtype (see CANDLE.md) unless
+            // the reference's bf16 numerics are asked for; f64 stays f64 so gradient checks can
+            // run in double precision.
             let dtype = if self.dtype == DType::F64 {
                 DType::F64
             } else {
-                DType::F32
+                self.trainable_dtype
             };
             let var = Var::from_tensor(&t.to_dtype(dtype)?)?;
             let out = var.as_tensor().clone();

@@ -376,6 +376,74 @@ impl AdamW {
     }
 }
 
+impl AdamW {
+    /// Keep each parameter's moments and update math in the parameter's own dtype (bf16 for
+    /// bf16 parameters), as torch's AdamW does on bf16 parameters, instead of f32. Call before
+    /// the first step.
+    pub fn with_moments_in_param_dtype(mut self) -> Result<Self> {
+        if self.num_steps > 0 {
+            return Err(state_err(
+                "moments can change dtype only before the first step",
+            ));
+        }
+        for p in &mut self.params {
+            let dtype = p.var.dtype();
+            if dtype.is_float() && dtype != p.dtype {
+                p.dtype = dtype;
+                p.exp_avg = Tensor::zeros(p.var.shape(), dtype, p.var.device())?;
+                p.exp_avg_sq = p.exp_avg.zeros_like()?;
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// [`adamw_update`] for a parameter whose moments are kept in its own narrow dtype (bf16/f16),
+/// op by op as torch's single-tensor AdamW runs on such tensors: every op computes in f32 and
+/// rounds its result once to the narrow dtype (`mul_`, `lerp_`, `mul_` then `addcmul_`, `sqrt`,
+/// the division, `add_`, `addcdiv_`).
+fn adamw_update_narrow(
+    cfg: &AdamWConfig,
+    p: &ParamState,
+    g: &Tensor,
+    lr: f64,
+    weight_decay: f64,
+    t: u64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let narrow = p.dtype;
+    let round = |x: Tensor| -> Result<Tensor> { Ok(x.to_dtype(narrow)?.to_dtype(DType::F32)?) };
+    let wide = |x: &Tensor| -> Result<Tensor> { Ok(x.detach().to_dtype(DType::F32)?) };
+    let g = round(wide(g)?)?;
+    let mut x = wide(p.var.as_tensor())?;
+    if weight_decay != 0.0 {
+        x = round(x.affine(1.0 - lr * weight_decay, 0.0)?)?;
+    }
+    let m0 = wide(&p.exp_avg)?;
+    let w = 1.0 - cfg.beta1;
+    let diff = (&g - &m0)?;
+    let m = round(if w.abs() < 0.5 {
+        (&m0 + diff.affine(w, 0.0)?)?
+    } else {
+        (&g - diff.affine(1.0 - w, 0.0)?)?
+    })?;
+    let v = round(wide(&p.exp_avg_sq)?.affine(cfg.beta2, 0.0)?)?;
+    let v = round((v + (g.affine(1.0 - cfg.beta2, 0.0)? * &g)?)?)?;
+    let tf = t as f64;
+    let step_size = lr / (1.0 - cfg.beta1.powf(tf));
+    let bias_correction2_sqrt = (1.0 - cfg.beta2.powf(tf)).powf(0.5);
+    let denom = round(v.sqrt()?)?;
+    // A true division, as torch does (not a multiplication by the reciprocal).
+    let bc2 = Tensor::new(bias_correction2_sqrt as f32, p.var.device())?;
+    let denom = round(denom.broadcast_div(&bc2)?)?;
+    let denom = round((denom + cfg.eps)?)?;
+    let x = (x + (m.affine(-step_size, 0.0)? / &denom)?)?;
+    Ok((
+        x.to_dtype(p.var.dtype())?,
+        m.to_dtype(narrow)?,
+        v.to_dtype(narrow)?,
+    ))
+}
+
 fn count_to_i64(n: u64) -> Result<i64> {
     i64::try_from(n).map_err(|_| state_err(format!("step count {n} does not fit in i64")))
 }
@@ -420,6 +488,9 @@ fn adamw_update(
     t: u64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let dt = p.dtype;
+    if matches!(dt, DType::BF16 | DType::F16) {
+        return adamw_update_narrow(cfg, p, g, lr, weight_decay, t);
+    }
     let dev = p.var.device();
     let g = g.detach().to_dtype(dt)?;
     let mut x = p.var.as_tensor().detach().to_dtype(dt)?;

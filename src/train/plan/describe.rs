@@ -216,7 +216,7 @@ impl TrainPlan {
             super::memory::OpPath::Composed => "composed ops",
         };
         Ok(format!(
-            "memory estimate  {:.2} GiB on {} per rank ({}): frozen weights {:.2} GiB as {}, trainable {:.2} + gradients {:.2} + AdamW moments {:.2} GiB in f32\n\
+            "memory estimate  {:.2} GiB on {} per rank ({}): frozen weights {:.2} GiB as {}, trainable {:.2} + AdamW moments {:.2} GiB as {}, gradients {:.2} GiB in f32\n\
              activations      {:.2} GiB with checkpointing, {:.2} GiB without (largest micro-batch: {} x {} tokens, {} loss tokens; {path})\n",
             gib(m.total(m.checkpointing)),
             self.cfg.model.device,
@@ -224,8 +224,9 @@ impl TrainPlan {
             gib(m.frozen_weights),
             self.cfg.model.dtype.as_str(),
             gib(m.trainable),
-            gib(m.gradients),
             gib(m.moments),
+            self.cfg.model.trainable_dtype.as_str(),
+            gib(m.gradients),
             gib(m.activations_checkpointed),
             gib(m.activations_full),
             batch.samples,

@@ -41,7 +41,7 @@ pub enum OpPath {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MemoryEstimate {
     pub frozen_weights: f64,
-    /// The trainable tensors themselves (f32).
+    /// The trainable tensors themselves (`model.trainable_dtype`).
     pub trainable: f64,
     pub gradients: f64,
     /// AdamW's two moments.
@@ -136,12 +136,15 @@ impl TrainPlan {
             .sum();
         let frozen = self.layout.total_params().saturating_sub(in_full);
         let e = self.cfg.model.dtype.bytes() as f64;
+        // Trainable weights and moments in `model.trainable_dtype`; gradients are gathered in
+        // f32 either way.
+        let t = self.cfg.model.trainable_dtype.bytes() as f64;
         let acts = Activations::new(self, &profile, batch, e);
         Ok(MemoryEstimate {
             frozen_weights: frozen as f64 * e,
-            trainable: trainable as f64 * F32,
+            trainable: trainable as f64 * t,
             gradients: trainable as f64 * F32,
-            moments: trainable as f64 * 2.0 * F32,
+            moments: trainable as f64 * 2.0 * t,
             activations_full: acts.full(),
             activations_checkpointed: acts.checkpointed(),
             checkpointing: self.activation_checkpointing(),
@@ -188,13 +191,14 @@ impl Activations {
                 // Per adapted module: its input in f32 (dropout: the mask and the masked
                 // input too), x·Aᵀ, ·Bᵀ, the scaling and the sum with the base product.
                 let dropout = if l.spec.dropout > 0.0 { 2.0 } else { 0.0 };
+                let t = plan.cfg.model.trainable_dtype.bytes() as f64;
                 let per_layer: f64 = plan
                     .lora_modules
                     .iter()
                     .filter(|(m, lm)| lm.runs && m.starts_with(&st.prefix))
                     .map(|(_, lm)| {
                         let r = l.spec.r as f64;
-                        (lm.in_dim as f64 * (1.0 + dropout) + r + 3.0 * lm.out_dim as f64) * F32
+                        (lm.in_dim as f64 * (1.0 + dropout) + r + 3.0 * lm.out_dim as f64) * t
                     })
                     .sum::<f64>()
                     / st.layers.max(1) as f64;

@@ -12,7 +12,7 @@ use candle_core::{Device, Var};
 
 use super::{Trainer, TrainerState};
 use crate::adapter::read_adapter;
-use crate::config::{InstructionMode, ProxyInit};
+use crate::config::{InstructionMode, ProxyInit, WeightDType};
 use crate::data::feature_cache::FeatureCache;
 use crate::error::{Error, Result};
 use crate::method::proxy::ProxyInstruction;
@@ -78,14 +78,19 @@ impl Trainer {
         }
         let batches = plan.batch_maker()?.clone();
         let device = plan.device.clone();
+        let trainable_dtype = plan.cfg.model.trainable_dtype.dtype();
         let lora = match &plan.lora {
-            Some(l) => Some(match &l.from {
-                Some(dir) => {
-                    let a = read_adapter(dir, &device, plan.layout.family.key_map())?;
-                    LoraFactory::new(a.spec, l.trains, plan.cfg.train.seed)?.with_loaded(a.weights)
+            Some(l) => Some(
+                match &l.from {
+                    Some(dir) => {
+                        let a = read_adapter(dir, &device, plan.layout.family.key_map())?;
+                        LoraFactory::new(a.spec, l.trains, plan.cfg.train.seed)?
+                            .with_loaded(a.weights)
+                    }
+                    None => LoraFactory::new(l.spec.clone(), true, plan.cfg.train.seed)?,
                 }
-                None => LoraFactory::new(l.spec.clone(), true, plan.cfg.train.seed)?,
-            }),
+                .with_dtype(trainable_dtype),
+            ),
             None => None,
         };
         let overrides = match plan
@@ -113,6 +118,7 @@ impl Trainer {
                     lora,
                     overrides,
                     trainable_rows,
+                    trainable_dtype,
                 },
             )
             .map_err(|e| recipe_lora_error(&plan.cfg, e))?;
@@ -251,7 +257,11 @@ fn optimizer(plan: &TrainPlan, params: &[TrainParam]) -> Result<AdamW> {
         beta2: cfg.betas[1],
         eps: cfg.eps,
     };
-    AdamW::new(adam, groups, params)
+    let adamw = AdamW::new(adam, groups, params)?;
+    match plan.cfg.model.trainable_dtype {
+        WeightDType::F32 => Ok(adamw),
+        _ => adamw.with_moments_in_param_dtype(),
+    }
 }
 
 /// Proxy vectors for a proxy-mode stage: the previous stage's, else freshly initialised.
