@@ -3,8 +3,9 @@
 //! optimizer moments) and the peak above that during a step (activations, gradients, the
 //! backward's working set), for LLaVA with LoRA in the tower and the language model, in the
 //! language model only, or in the projector only, and the Mllama reference recipe's main stage,
-//! each with and without activation checkpointing; and the same with the composed ops CUDA runs
-//! (`LVLM_IFT_FUSED=0`, in a child process). The margins asserted are the measured ones.
+//! in f32 and bf16, each with and without activation checkpointing; and the same with the
+//! composed ops CUDA runs (`LVLM_IFT_FUSED=0`, in a child process). The margins asserted are the
+//! measured ones.
 
 mod common;
 
@@ -119,14 +120,14 @@ fn llava(out: &std::path::Path, lora: &str, checkpointing: bool) -> TrainConfig 
     TrainConfig::load(&repo().join("tests/fixtures/recipes/lora.toml"), &ov).unwrap()
 }
 
-fn mllama(out: &std::path::Path, checkpointing: bool) -> TrainConfig {
+fn mllama(out: &std::path::Path, checkpointing: bool, dtype: &str) -> TrainConfig {
     let ov = vec![
         format!(
             "model.path={}",
             repo().join("tests/fixtures/tiny-mllama").display()
         ),
         "model.device=cpu".into(),
-        "model.dtype=f32".into(),
+        format!("model.dtype={dtype}"),
         format!(
             "data.train=[{{ manifest = \"{}\" }}]",
             repo().join("tests/fixtures/pairs/pairs.jsonl").display()
@@ -150,9 +151,11 @@ fn all_cases() -> Vec<Measured> {
             let what = format!("llava lora={lora} checkpointing={checkpointing}");
             out.push(measure(what, &llava(tmp.path(), lora, checkpointing)));
         }
-        let tmp = tempfile::tempdir().unwrap();
-        let what = format!("mllama main stage checkpointing={checkpointing}");
-        out.push(measure(what, &mllama(tmp.path(), checkpointing)));
+        for dtype in ["f32", "bf16"] {
+            let tmp = tempfile::tempdir().unwrap();
+            let what = format!("mllama main stage {dtype} checkpointing={checkpointing}");
+            out.push(measure(what, &mllama(tmp.path(), checkpointing, dtype)));
+        }
     }
     out
 }
@@ -199,9 +202,10 @@ fn the_estimate_matches_measured_cpu_steps_with_the_fused_kernels() {
     if !lvlm_ift::model::kernels::fused_enabled() {
         return; // the composed run below covers this process's ops
     }
-    // Measured (this machine): LLaVA 0.85-1.03x, Mllama 1.32-1.52x (the estimate misses part
-    // of what the Mllama vision encoder keeps).
-    check(&all_cases(), (0.8, 1.15), (1.0, 1.6));
+    // Measured (this machine): LLaVA 0.85-1.03x; Mllama 1.32-1.70x — the estimate misses part
+    // of what the Mllama layers keep (its vision encoder about twice the count; in bf16 the
+    // fused kernels keep f32 copies), so Mllama figures are to be read as lower bounds.
+    check(&all_cases(), (0.8, 1.15), (1.0, 1.8));
 }
 
 /// The composed ops (what CUDA runs) measured on the CPU: run by the test below in a child
@@ -210,8 +214,8 @@ fn the_estimate_matches_measured_cpu_steps_with_the_fused_kernels() {
 #[ignore = "run by the_estimate_matches_measured_cpu_steps_with_the_composed_ops"]
 fn composed_ops_child() {
     assert!(!lvlm_ift::model::kernels::fused_enabled());
-    // Measured (this machine): LLaVA 0.95-1.06x, Mllama 1.33-1.54x.
-    check(&all_cases(), (0.85, 1.2), (1.0, 1.65));
+    // Measured (this machine): LLaVA 0.95-1.06x, Mllama 1.33-1.67x.
+    check(&all_cases(), (0.85, 1.2), (1.0, 1.8));
 }
 
 #[test]

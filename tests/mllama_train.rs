@@ -163,3 +163,39 @@ fn lora_on_the_family_writes_a_peft_adapter_that_loads_back() {
     let without = score(&tiny(), &[]);
     assert!((with - without).abs() > 1e-4, "{with} vs {without}");
 }
+
+/// The reference recipe in the model's own dtype, bf16: the vision encoder and the fusion layers
+/// trained in full hold f32 weights (the default) or bf16 ones (`model.trainable_dtype`, the
+/// reference's numerics), both next to the frozen bf16 language model.
+#[test]
+fn the_reference_recipe_trains_a_bf16_model_with_f32_or_bf16_trainable_weights() {
+    for trainable in ["f32", "bf16"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dtype = format!("model.trainable_dtype={trainable}");
+        let cfg = recipe(tmp.path(), &["model.dtype=bf16", &dtype]);
+        let outs = run_recipe(&cfg, Resume::No, true).unwrap();
+        assert_eq!(outs.len(), 2, "{trainable}");
+        for o in &outs {
+            assert!(o.final_loss.unwrap().is_finite(), "{trainable}: {o:?}");
+        }
+        let ckpt = CheckpointManagerLatest::of(&tmp.path().join("main"));
+        let weights = load_safetensors(&ckpt.join("trainable.safetensors"), &Device::Cpu).unwrap();
+        let want = if trainable == "bf16" {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        assert!(weights.values().all(|t| t.dtype() == want), "{trainable}");
+    }
+}
+
+/// The newest checkpoint of a stage directory.
+struct CheckpointManagerLatest;
+impl CheckpointManagerLatest {
+    fn of(stage: &Path) -> PathBuf {
+        lvlm_ift::train::checkpoint::CheckpointManager::new(&stage.join("checkpoints"), None)
+            .latest()
+            .unwrap()
+            .expect("a checkpoint")
+    }
+}

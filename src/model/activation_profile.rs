@@ -29,10 +29,10 @@ pub enum LayerKind {
 #[derive(Debug, Clone)]
 pub struct LayerStack {
     pub name: &'static str,
-    /// Canonical-name prefix of the stack's parameters (whether anything in it trains).
-    pub prefix: String,
+    /// Canonical-name prefix of each layer's parameters (`….layers.3.`): what in the stack
+    /// trains, and how.
+    pub layer_prefixes: Vec<String>,
     pub kind: LayerKind,
-    pub layers: usize,
     pub hidden: usize,
     pub intermediate: usize,
     pub heads: usize,

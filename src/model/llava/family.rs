@@ -135,10 +135,11 @@ impl ModelFamily for LlavaFamily {
             stacks: vec![
                 LayerStack {
                     name: "vision tower",
-                    prefix: format!("{VISION}."),
-                    kind: LayerKind::ClipEncoder,
                     // Only the layers up to the deepest one read run.
-                    layers: feature_depth(&cfg),
+                    layer_prefixes: (0..feature_depth(&cfg))
+                        .map(|i| format!("{VISION}.encoder.layers.{i}."))
+                        .collect(),
+                    kind: LayerKind::ClipEncoder,
                     hidden: v.hidden_size,
                     intermediate: v.intermediate_size,
                     heads: v.num_attention_heads,
@@ -147,9 +148,10 @@ impl ModelFamily for LlavaFamily {
                 },
                 LayerStack {
                     name: "language model",
-                    prefix: format!("{TEXT}."),
+                    layer_prefixes: (0..t.num_hidden_layers)
+                        .map(|i| format!("{TEXT}.layers.{i}."))
+                        .collect(),
                     kind: LayerKind::Decoder,
-                    layers: t.num_hidden_layers,
                     hidden: t.hidden_size,
                     intermediate: t.intermediate_size,
                     heads: t.num_attention_heads,

@@ -155,23 +155,28 @@ impl ModelFamily for MllamaFamily {
         let tiles = max_tiles.unwrap_or(v.max_num_tiles);
         let np = v.num_patches();
         let per_image = tiles * np.div_ceil(8) * 8;
-        let vision = |name, prefix: &str, layers| LayerStack {
+        let vision = |name, prefix: &str, layers: usize| LayerStack {
             name,
-            prefix: format!("{VISION}.{prefix}"),
+            layer_prefixes: (0..layers)
+                .map(|i| format!("{VISION}.{prefix}layers.{i}."))
+                .collect(),
             kind: LayerKind::MllamaVision,
-            layers,
             hidden: v.hidden_size,
             intermediate: v.intermediate_size,
             heads: v.attention_heads,
             kv_dim: v.hidden_size,
             tokens: StackTokens::PerImage(per_image),
         };
-        let cross = cfg.cross_attention_layers.len();
-        let text = |name, kind, layers| LayerStack {
+        let layers = |cross: bool| -> Vec<String> {
+            (0..t.num_hidden_layers)
+                .filter(|i| cfg.is_cross_layer(*i) == cross)
+                .map(|i| format!("{TEXT}.layers.{i}."))
+                .collect()
+        };
+        let text = |name, kind, layer_prefixes| LayerStack {
             name,
-            prefix: format!("{TEXT}."),
+            layer_prefixes,
             kind,
-            layers,
             hidden: t.hidden_size,
             intermediate: t.intermediate_size,
             heads: t.num_attention_heads,
@@ -186,17 +191,13 @@ impl ModelFamily for MllamaFamily {
                     "global_transformer.",
                     v.num_global_layers,
                 ),
-                text(
-                    "self-attention layers",
-                    LayerKind::Decoder,
-                    t.num_hidden_layers - cross,
-                ),
+                text("self-attention layers", LayerKind::Decoder, layers(false)),
                 text(
                     "cross-attention layers",
                     LayerKind::CrossAttention {
                         image_tokens: tiles * np,
                     },
-                    cross,
+                    layers(true),
                 ),
             ],
             vision_prefix: format!("{VISION}."),

@@ -136,13 +136,17 @@ impl CrossLayer {
         cache: Option<&mut LayerCache>,
     ) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
+        // A layer trained in full holds f32 weights in a bf16 model: its branches compute in
+        // f32 and join the residual stream in the stream's dtype.
         let attn = self
             .cross_attn
-            .forward(&self.input_layernorm.forward(x)?, cross, cache)?;
+            .forward(&self.input_layernorm.forward(x)?, cross, cache)?
+            .to_dtype(dtype)?;
         let x = (x + attn.broadcast_mul(&self.attn_gate.tanh()?.to_dtype(dtype)?)?)?;
         let mlp = self
             .mlp
             .forward(&self.post_attention_layernorm.forward(&x)?)?
+            .to_dtype(dtype)?
             .broadcast_mul(&cross.row_mask.to_dtype(dtype)?)?;
         &x + mlp.broadcast_mul(&self.mlp_gate.tanh()?.to_dtype(dtype)?)?
     }

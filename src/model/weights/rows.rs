@@ -72,7 +72,7 @@ impl WeightStore {
         let dtype = if self.dtype == DType::F64 {
             DType::F64
         } else {
-            DType::F32
+            self.trainable_dtype
         };
         let var = Var::from_tensor(&t.narrow(0, *start, end - start)?.to_dtype(dtype)?)?;
         self.vars

@@ -175,13 +175,27 @@ impl Activations {
         let vision_trains = trains_under(&profile.vision_prefix);
         let lora = plan.lora.as_ref().filter(|l| l.trains);
         let b = batch.samples as f64;
+        let t = plan.cfg.model.trainable_dtype.bytes() as f64;
         let mut stacks = Vec::new();
         for st in &profile.stacks {
-            let on_vision = st.prefix.starts_with(&profile.vision_prefix);
-            if on_vision && !vision_trains {
+            let layers = st.layer_prefixes.len();
+            let in_stack = |name: &str| st.layer_prefixes.iter().any(|p| name.starts_with(p));
+            let on_vision = st
+                .layer_prefixes
+                .first()
+                .is_some_and(|p| p.starts_with(&profile.vision_prefix));
+            if layers == 0 || (on_vision && !vision_trains) {
                 // Nothing needs a gradient through a frozen tower: it keeps nothing.
                 continue;
             }
+            // Layers trained in full hold their weights in `model.trainable_dtype`, and their
+            // products (hence their activations) come out in it.
+            let in_full = plan
+                .layout
+                .params
+                .keys()
+                .any(|n| in_stack(n) && plan.trains_in_full(n));
+            let e = if in_full { t } else { e };
             let (tokens, seq) = match st.tokens {
                 StackTokens::Text => (b * batch.seq_len as f64, batch.seq_len as f64),
                 StackTokens::PerImage(n) => (b * n as f64, n as f64),
@@ -191,20 +205,19 @@ impl Activations {
                 // Per adapted module: its input in f32 (dropout: the mask and the masked
                 // input too), x·Aᵀ, ·Bᵀ, the scaling and the sum with the base product.
                 let dropout = if l.spec.dropout > 0.0 { 2.0 } else { 0.0 };
-                let t = plan.cfg.model.trainable_dtype.bytes() as f64;
                 let per_layer: f64 = plan
                     .lora_modules
                     .iter()
-                    .filter(|(m, lm)| lm.runs && m.starts_with(&st.prefix))
+                    .filter(|(m, lm)| lm.runs && in_stack(m))
                     .map(|(_, lm)| {
                         let r = l.spec.r as f64;
                         (lm.in_dim as f64 * (1.0 + dropout) + r + 3.0 * lm.out_dim as f64) * t
                     })
                     .sum::<f64>()
-                    / st.layers.max(1) as f64;
+                    / layers as f64;
                 layer += tokens * per_layer;
             }
-            stacks.push((st.layers, layer, tokens * st.hidden as f64 * e));
+            stacks.push((layers, layer, tokens * st.hidden as f64 * e));
         }
         let text_tokens = b * batch.seq_len as f64;
         let (p_in, p_out, p_pos) = profile.projector;
