@@ -60,14 +60,7 @@ fn max_rel_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f32 {
         .zip(b)
         .map(|((na, ta), (nb, tb))| {
             assert_eq!(na, nb);
-            let scale = ta
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            common::diff(ta, tb).0 / scale.max(1e-6)
+            common::rel_diff(ta, tb)
         })
         .fold(0.0, f32::max)
 }

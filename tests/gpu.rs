@@ -146,14 +146,7 @@ fn one_training_step_gpu_vs_cpu() {
     let mut worst = 0f32;
     for ((n, a), (m, b)) in cpu.iter().zip(&gpu) {
         assert_eq!(n, m);
-        let scale = a
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        worst = worst.max(common::diff(a, b).0 / scale.max(1e-6));
+        worst = worst.max(common::rel_diff(a, b));
     }
     assert!(worst <= 1e-4, "one LoRA step, GPU vs CPU: {worst:e}");
     println!("GPU-CHECK training-step: ok (max relative difference {worst:.2e})");

@@ -32,18 +32,7 @@ fn recipe(out: &Path, extra: &[&str]) -> TrainConfig {
 }
 
 fn recipe_from(config: &Path, out: &Path, extra: &[&str]) -> TrainConfig {
-    let mut ov = vec![
-        format!("model.path={}", tiny().display()),
-        "model.device=cpu".into(),
-        "model.dtype=f32".into(),
-        format!(
-            "data.train=[{{ manifest = \"{}\" }}]",
-            repo().join("tests/fixtures/pairs/pairs.jsonl").display()
-        ),
-        format!("train.output_dir={}", out.display()),
-        "train.max_steps=2".into(),
-        "optim.lr=1e-2".into(),
-    ];
+    let mut ov = common::tiny_mllama_overrides(out);
     ov.extend(extra.iter().map(|s| s.to_string()));
     TrainConfig::load(config, &ov).unwrap()
 }

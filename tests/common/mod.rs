@@ -82,6 +82,37 @@ impl Expected {
 }
 
 /// (max abs diff, mean abs diff) of two tensors of equal shape.
+/// Largest |a - b| relative to the largest |a| (at least 1e-6).
+pub fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let scale = a
+        .to_dtype(DType::F32)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    diff(a, b).0 / scale.max(1e-6)
+}
+
+/// Overrides pointing a Llama-3.2-Vision recipe at the tiny Mllama and the fixture pairs, on the
+/// CPU in f32, two steps a stage at lr 1e-2, written to `out`.
+pub fn tiny_mllama_overrides(out: &std::path::Path) -> Vec<String> {
+    vec![
+        format!("model.path={}", fixtures().join("tiny-mllama").display()),
+        "model.device=cpu".into(),
+        "model.dtype=f32".into(),
+        format!(
+            "data.train=[{{ manifest = \"{}\" }}]",
+            fixtures().join("pairs/pairs.jsonl").display()
+        ),
+        format!("train.output_dir={}", out.display()),
+        "train.max_steps=2".into(),
+        "optim.lr=1e-2".into(),
+    ]
+}
+
 pub fn diff(a: &Tensor, b: &Tensor) -> (f32, f32) {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
     let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
