@@ -150,8 +150,9 @@ impl ModelFamily for MllamaFamily {
     ) -> Result<ActivationProfile> {
         let cfg = MllamaConfig::from_file(&layout.config_path())?;
         let (v, t) = (&cfg.vision, &cfg.text);
-        // Every image padded to the full tile count (the worst case), each tile's patches and
-        // class token padded to a multiple of 8 in the encoder.
+        // Every picture as the processor packs it, `max_image_tiles` tiles (the worst case: a
+        // picture with fewer is padded with masked tiles to the batch's count); each tile's
+        // patches and class token padded to a multiple of 8 in the encoder.
         let tiles = max_tiles.unwrap_or(v.max_num_tiles);
         let np = v.num_patches();
         let per_image = tiles * np.div_ceil(8) * 8;

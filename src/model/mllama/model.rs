@@ -123,10 +123,10 @@ impl MllamaModel {
         })
     }
 
-    /// The pictures as the vision encoder takes them: padded with zero tiles to the model's
-    /// `max_num_tiles` (HF packs to the processor's `max_image_tiles`, which equals it for the
-    /// released checkpoints; fewer tiles per picture, e.g. the reference recipe's one, still run
-    /// through the encoder next to masked padding tiles).
+    /// The pictures as the vision encoder takes them: as many tiles as the processor packed
+    /// (its `max_image_tiles`, as HF runs them: the reference recipe's one tile is one tile, not
+    /// the model's `max_num_tiles` of which all but one are masked padding — 4x the encoder's
+    /// work and 16x its attention scores for the released checkpoints).
     fn tiles(&self, vision: &VisionInput) -> Result<Tiles> {
         let VisionInput::Tiles {
             pixel_values,
@@ -164,19 +164,10 @@ impl MllamaModel {
         let tile_mask: Vec<Vec<bool>> = mask_rows
             .iter()
             .zip(num_tiles)
-            .map(|(m, &k)| {
-                (0..v.max_num_tiles)
-                    .map(|t| t < k && t < tiles && m[t] != 0)
-                    .collect()
-            })
+            .map(|(m, &k)| (0..tiles).map(|t| t < k && m[t] != 0).collect())
             .collect();
-        let pixels = if tiles < v.max_num_tiles {
-            pixel_values.pad_with_zeros(1, 0, v.max_num_tiles - tiles)?
-        } else {
-            pixel_values.clone()
-        };
         Ok(Tiles {
-            pixels,
+            pixels: pixel_values.clone(),
             ids,
             tile_mask,
         })
@@ -215,11 +206,11 @@ impl MllamaModel {
 
 /// Tiled pictures ready for the vision encoder.
 struct Tiles {
-    /// `[n, max_num_tiles, 3, h, w]`.
+    /// `[n, tiles, 3, h, w]`.
     pixels: Tensor,
     /// `[n]` u32 aspect-ratio ids.
     ids: Tensor,
-    /// `[n][max_num_tiles]`: real tiles.
+    /// `[n][tiles]`: real tiles.
     tile_mask: Vec<Vec<bool>>,
 }
 

@@ -123,13 +123,15 @@ impl TileEmbedding {
         })
     }
 
-    /// `x: [n, tiles, patches, h]`, `ids: [n]`.
+    /// `x: [n, tiles, patches, h]` (tiles ≤ max_num_tiles: the first rows of each id's table),
+    /// `ids: [n]`.
     fn forward(&self, x: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
         let (n, tiles, _, h) = x.dims4()?;
         let e = self
             .embedding
             .index_select(ids, 0)?
-            .reshape((n, tiles, 1, h))?;
+            .reshape((n, (), 1, h))?
+            .narrow(1, 0, tiles)?;
         let e = e.broadcast_mul(&self.gate.tanh()?)?.to_dtype(x.dtype())?;
         x.broadcast_add(&e)
     }
@@ -168,7 +170,8 @@ impl PositionEmbedding {
         let tile = self
             .tile_embedding
             .index_select(ids, 0)?
-            .reshape((n, tiles, np, h))?
+            .reshape((n, (), np, h))?
+            .narrow(1, 0, tiles)?
             .broadcast_mul(&g)?
             .to_dtype(x.dtype())?;
         x + tile
