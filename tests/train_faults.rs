@@ -13,6 +13,7 @@ use candle_core::Device;
 use lvlm_ift::config::TrainConfig;
 use lvlm_ift::train::checkpoint::load_safetensors;
 use lvlm_ift::train::metrics::MetricsLog;
+use lvlm_ift::train::plan::TrainPlan;
 use lvlm_ift::train::recipe::{run_recipe, Resume};
 
 fn repo() -> PathBuf {
@@ -257,6 +258,40 @@ fn accumulated_micro_batches_equal_one_batch_k_times_larger() {
             "{norm} vs {norm4}"
         );
     }
+}
+
+/// `full.groups` keeps fresh adapters off its groups in every stage once some stage trains
+/// `full`; when no stage does, those groups stay frozen and LoRA adapts them like any other.
+#[test]
+fn lora_leaves_out_only_groups_some_stage_trains_in_full() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = |stages: &str| {
+        let extra = s(&[
+            "lora.target_modules=all-linear",
+            &format!("stages={stages}"),
+        ]);
+        let cfg = recipe(&tmp.path().join("run"), &extra).unwrap();
+        let plan = TrainPlan::build(&cfg, &cfg.stage_specs()[0], None).unwrap();
+        let text = plan.describe().unwrap();
+        (plan, text)
+    };
+    let projector = "model.multi_modal_projector.linear_1";
+    let (later_full, text) = plan(
+        r#"[{ name = "a", trainable = ["lora"] }, { name = "b", trainable = ["lora", "full"] }]"#,
+    );
+    assert!(!later_full.lora_modules.contains_key(projector), "{text}");
+    assert!(
+        text.contains("(with multi_modal_projector: trained in full by a stage, not adapted)"),
+        "{text}"
+    );
+    let (never_full, text) = plan(r#"[{ name = "a", trainable = ["lora"] }]"#);
+    assert!(never_full.lora_modules.contains_key(projector), "{text}");
+    assert!(!text.contains("lora excludes"), "{text}");
+    assert_eq!(
+        never_full.lora_modules.len(),
+        later_full.lora_modules.len() + 2,
+        "the projector's two linear layers"
+    );
 }
 
 #[test]

@@ -76,10 +76,17 @@ impl TrainPlan {
                 }
             ));
             if let Some(ex) = &spec.exclude_modules {
-                out.push_str(&format!(
-                    "lora excludes    {} (fully trained groups are trained in full, not adapted)\n",
-                    describe_targets(ex)
-                ));
+                let why = if self.lora_excluded_groups.is_empty() {
+                    String::new()
+                } else {
+                    let names: Vec<&str> =
+                        self.lora_excluded_groups.iter().map(|g| g.name).collect();
+                    format!(
+                        " (with {}: trained in full by a stage, not adapted)",
+                        names.join(", ")
+                    )
+                };
+                out.push_str(&format!("lora excludes    {}{why}\n", describe_targets(ex)));
             }
         }
         out.push_str(&format!(

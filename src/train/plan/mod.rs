@@ -87,8 +87,10 @@ pub struct TrainPlan {
     pub layout: ModelLayout,
     /// The recipe's device, opened (the CPU in a dry-run plan, which never runs).
     pub device: Device,
-    /// Every group of `full.groups` (fresh adapters exclude them, whatever the stage trains).
-    pub recipe_full_groups: Vec<ModuleGroup>,
+    /// The groups fresh adapters leave out: `full.groups` when some stage of the recipe trains
+    /// `full` (within a recipe a module trains one way, in full or through an adapter), whatever
+    /// this stage trains; none when no stage does (those groups are then frozen base weights).
+    pub lora_excluded_groups: Vec<ModuleGroup>,
     /// The groups this stage trains in full (empty unless it trains `full`).
     pub full_groups: Vec<ModuleGroup>,
     pub lora: Option<StageLora>,
@@ -172,7 +174,12 @@ impl TrainPlan {
         } else {
             Vec::new()
         };
-        let lora = lora_for_stage(cfg, stage, previous, &recipe_full_groups)?;
+        let lora_excluded_groups = if cfg.stage_specs().iter().any(|s| s.train_full) {
+            recipe_full_groups
+        } else {
+            Vec::new()
+        };
+        let lora = lora_for_stage(cfg, stage, previous, &lora_excluded_groups)?;
         let lora_modules = match &lora {
             Some(l) => {
                 let matcher = l.spec.matcher()?;
@@ -265,7 +272,7 @@ impl TrainPlan {
             stage: stage.clone(),
             layout,
             device,
-            recipe_full_groups,
+            lora_excluded_groups,
             full_groups,
             lora,
             lora_modules,
@@ -495,13 +502,12 @@ impl TrainPlan {
 }
 
 /// LoRA for a stage: the previous stage's adapter if there is one (trained further or frozen),
-/// else fresh adapters when this stage trains LoRA (excluding the recipe's fully trained
-/// groups), else none.
+/// else fresh adapters when this stage trains LoRA (leaving out `excluded`), else none.
 fn lora_for_stage(
     cfg: &TrainConfig,
     stage: &StageSpec,
     previous: Option<&Path>,
-    full_groups: &[ModuleGroup],
+    excluded: &[ModuleGroup],
 ) -> Result<Option<StageLora>> {
     let prev_adapter = previous.map(|p| p.join(ADAPTER_DIR)).filter(|p| p.is_dir());
     Ok(match (prev_adapter, &cfg.lora) {
@@ -511,7 +517,7 @@ fn lora_for_stage(
             trains: stage.train_lora,
         }),
         (None, Some(spec)) if stage.train_lora => {
-            let prefixes: Vec<String> = full_groups
+            let prefixes: Vec<String> = excluded
                 .iter()
                 .flat_map(|g| g.prefixes().iter().cloned())
                 .collect();
