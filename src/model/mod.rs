@@ -20,6 +20,7 @@ pub mod llava;
 pub mod lora;
 pub mod loss;
 pub mod mllama;
+pub mod precomputed;
 pub mod recompute;
 pub mod vision_input;
 pub mod vision_key;

@@ -14,9 +14,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, Var};
 
 use crate::model::lora::LoraRuntime;
+use crate::model::precomputed::Precomputed;
 
 /// A layer's forward: the hidden state (and, for cross-attention, the states attended to).
 pub type LayerFn = dyn Fn(&Tensor, Option<&Tensor>) -> candle_core::Result<Tensor> + Send + Sync;
@@ -79,12 +80,11 @@ impl Recompute {
         } else {
             Var::from_tensor(x)?.as_tensor().clone()
         };
-        let output = output.detach();
         let op = LayerOp {
             f,
             rng,
             ctx: self.inner.clone(),
-            output: Mutex::new(Some(standalone(output)?)),
+            output: Precomputed::new(&output, "checkpointed layer")?,
         };
         match cross {
             None => x.apply_op1_arc(Arc::new(Box::new(op))),
@@ -112,53 +112,15 @@ impl Recompute {
     }
 }
 
-/// A tensor whose storage holds exactly its elements from offset 0, so the op can hand a copy of
-/// the storage to candle as its output.
-fn standalone(t: Tensor) -> candle_core::Result<Tensor> {
-    if t.is_contiguous() && t.layout().start_offset() == 0 {
-        Ok(t)
-    } else {
-        t.copy()
-    }
-}
-
 struct LayerOp {
     f: Arc<LayerFn>,
     rng: Option<([u8; 32], u64, u128)>,
     ctx: Arc<Inner>,
     /// The forward's result, moved into the graph by the op's forward.
-    output: Mutex<Option<Tensor>>,
+    output: Precomputed,
 }
 
 impl LayerOp {
-    fn take_output(&self) -> candle_core::Result<Tensor> {
-        self.output
-            .lock()
-            .expect("poisoned")
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("checkpointed layer: forward ran twice".into()))
-    }
-
-    fn cpu_output(&self) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = self.take_output()?;
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((s.clone(), layout.shape().clone())),
-            _ => candle_core::bail!("checkpointed layer: output on another device than its input"),
-        }
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_output(&self) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let y = self.take_output()?;
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("checkpointed layer: output on another device than its input"),
-        }
-    }
-
     /// The recomputed layer's gradients: the inputs' (returned) and the parameters' (stored).
     fn backward(
         &self,
@@ -205,7 +167,7 @@ impl CustomOp1 for LayerOp {
         "checkpointed-layer"
     }
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.cpu_output()
+        self.output.cpu()
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -213,7 +175,7 @@ impl CustomOp1 for LayerOp {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        self.cuda_output()
+        self.output.cuda()
     }
     fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(self.backward(x, None, grad)?.0)
@@ -231,7 +193,7 @@ impl CustomOp2 for LayerOp {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.cpu_output()
+        self.output.cpu()
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -241,7 +203,7 @@ impl CustomOp2 for LayerOp {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        self.cuda_output()
+        self.output.cuda()
     }
     fn bwd(
         &self,
