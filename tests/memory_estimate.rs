@@ -144,6 +144,11 @@ fn mllama(out: &std::path::Path, checkpointing: bool, dtype: &str) -> TrainConfi
 }
 
 fn all_cases() -> Vec<Measured> {
+    // One step first, measured by nobody: the process's one-off allocations (the matrix
+    // products' per-thread buffers, the thread pools) would otherwise count in the first case's
+    // peak — 2 MB in the Mllama step, more than a tiny model's layer.
+    let tmp = tempfile::tempdir().unwrap();
+    measure("warm-up".into(), &mllama(tmp.path(), false, "f32"));
     let mut out = Vec::new();
     for checkpointing in [false, true] {
         for lora in ["all", "lm", "projector"] {
@@ -202,10 +207,10 @@ fn the_estimate_matches_measured_cpu_steps_with_the_fused_kernels() {
     if !lvlm_ift::model::kernels::fused_enabled() {
         return; // the composed run below covers this process's ops
     }
-    // Measured (this machine): LLaVA 0.85-1.03x; Mllama 1.17-1.37x — the estimate misses part
-    // of what the Mllama layers keep (in bf16 the fused kernels keep f32 copies), so Mllama
-    // figures are to be read as lower bounds.
-    check(&all_cases(), (0.8, 1.15), (1.0, 1.45));
+    // Measured (this machine): LLaVA 0.82-0.97x (checkpointed LoRA steps the lowest: the
+    // estimate's two layers at a time in the recomputed backward is generous); Mllama
+    // 1.00-1.08x.
+    check(&all_cases(), (0.75, 1.1), (0.9, 1.2));
 }
 
 /// The composed ops (what CUDA runs) measured on the CPU: run by the test below in a child
@@ -214,8 +219,10 @@ fn the_estimate_matches_measured_cpu_steps_with_the_fused_kernels() {
 #[ignore = "run by the_estimate_matches_measured_cpu_steps_with_the_composed_ops"]
 fn composed_ops_child() {
     assert!(!lvlm_ift::model::kernels::fused_enabled());
-    // Measured (this machine): LLaVA 0.95-1.09x, Mllama 1.16-1.31x.
-    check(&all_cases(), (0.85, 1.2), (1.0, 1.45));
+    // Measured (this machine): LLaVA 0.92-1.07x, Mllama 1.12-1.21x (candle's backward pass
+    // also holds gradients of constant operands — masks, position tables — to its end; not
+    // counted).
+    check(&all_cases(), (0.85, 1.15), (1.0, 1.3));
 }
 
 #[test]

@@ -18,8 +18,9 @@ pub enum LayerKind {
     Decoder,
     /// CLIP encoder layer: LayerNorm, attention, quick-GELU MLP.
     ClipEncoder,
-    /// Mllama vision layer: LayerNorm, attention, GELU MLP, optional tanh gates.
-    MllamaVision,
+    /// Mllama vision layer: LayerNorm, attention, GELU MLP; the global layers scale both
+    /// branches by tanh gates.
+    MllamaVision { gated: bool },
     /// Mllama cross-attention layer: text queries on `image_tokens` image keys/values per
     /// sample, SwiGLU MLP, tanh gates.
     CrossAttention { image_tokens: usize },
@@ -60,4 +61,9 @@ pub struct ActivationProfile {
     /// Image positions each text position's cross-attention bias covers (0 without
     /// cross-attention): an f32 `[b, 1, s, image_tokens]` tensor and its row mask.
     pub cross_bias_tokens: usize,
+    /// Positions of the vision encoder's additive padding bias, an f32 `[n, 1, L, L]` tensor kept
+    /// while the vision side trains (0 where the encoder takes none).
+    pub vision_bias_positions: usize,
+    /// Whether image features are spliced into the token embeddings (LLaVA), not attended to.
+    pub image_splice: bool,
 }

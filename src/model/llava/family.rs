@@ -168,6 +168,8 @@ impl ModelFamily for LlavaFamily {
                 v.num_patches() + 1,
             ),
             cross_bias_tokens: 0,
+            vision_bias_positions: 0,
+            image_splice: true,
         })
     }
 }

@@ -156,12 +156,12 @@ impl ModelFamily for MllamaFamily {
         let tiles = max_tiles.unwrap_or(v.max_num_tiles);
         let np = v.num_patches();
         let per_image = tiles * np.div_ceil(8) * 8;
-        let vision = |name, prefix: &str, layers: usize| LayerStack {
+        let vision = |name, prefix: &str, layers: usize, gated| LayerStack {
             name,
             layer_prefixes: (0..layers)
                 .map(|i| format!("{VISION}.{prefix}layers.{i}."))
                 .collect(),
-            kind: LayerKind::MllamaVision,
+            kind: LayerKind::MllamaVision { gated },
             hidden: v.hidden_size,
             intermediate: v.intermediate_size,
             heads: v.attention_heads,
@@ -186,11 +186,12 @@ impl ModelFamily for MllamaFamily {
         };
         Ok(ActivationProfile {
             stacks: vec![
-                vision("vision encoder", "transformer.", v.num_hidden_layers),
+                vision("vision encoder", "transformer.", v.num_hidden_layers, false),
                 vision(
                     "global vision encoder",
                     "global_transformer.",
                     v.num_global_layers,
+                    true,
                 ),
                 text("self-attention layers", LayerKind::Decoder, layers(false)),
                 text(
@@ -212,6 +213,8 @@ impl ModelFamily for MllamaFamily {
                 per_image,
             ),
             cross_bias_tokens: tiles * np,
+            vision_bias_positions: per_image,
+            image_splice: false,
         })
     }
 }

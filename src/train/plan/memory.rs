@@ -15,6 +15,7 @@
 
 use std::collections::BTreeSet;
 
+use crate::config::InstructionMode;
 use crate::data::collate::IGNORE_INDEX;
 use crate::error::Result;
 use crate::model::activation_profile::{ActivationProfile, LayerKind, LayerStack, StackTokens};
@@ -156,8 +157,11 @@ impl TrainPlan {
 struct Activations {
     /// (layers, bytes one layer keeps, bytes of its input) of each stack that keeps any.
     stacks: Vec<(usize, f64, f64)>,
-    /// Embeddings, projector, head and loss: kept either way.
+    /// Embeddings, masks, projector, head and loss: kept either way.
     outside: f64,
+    /// The cross-entropy's working set, in its forward and again in its backward (the
+    /// vocabulary-wide tensors at the loss rows): the peak when it exceeds a layer's.
+    loss_working_set: f64,
 }
 
 impl Activations {
@@ -201,6 +205,10 @@ impl Activations {
                 StackTokens::PerImage(n) => (b * n as f64, n as f64),
             };
             let mut layer = layer_bytes(st, path, e, tokens, b, seq);
+            if in_full && path == OpPath::Fused {
+                // A trained linear is a product and a bias addition (the frozen ones fuse both).
+                layer += tokens * bias_outputs(st) * e;
+            }
             if let Some(l) = lora {
                 // Per adapted module: its input in f32 (dropout: the mask and the masked
                 // input too), x·Aᵀ, ·Bᵀ, the scaling and the sum with the base product.
@@ -226,40 +234,80 @@ impl Activations {
         } else {
             b * p_pos as f64 * p_out as f64 * e
         };
-        // Embeddings and the image/proxy splice (table rows, the concatenation, the gather);
-        // the final norm and head at the loss tokens, in f32 with the softmax's pieces.
-        let labels = batch.label_tokens as f64;
+        // Token embeddings: the table's rows; trained rows read apart and blended in (the
+        // trained rows' pick, two masked products, their sum); each splice (image features,
+        // proxy vectors) a concatenation and a gather.
+        let splices = usize::from(profile.image_splice)
+            + usize::from(plan.stage.instruction_mode == InstructionMode::Proxy);
+        let blended = if plan.trained_row_slices().is_empty() {
+            0.0
+        } else {
+            4.0
+        };
+        let embeddings =
+            (1.0 + blended + 2.0 * splices as f64) * text_tokens * profile.text_hidden as f64 * e;
         let (embed_per_pos, positions) = profile.vision_embedding;
         let vision_embedding = if vision_trains {
-            b * (positions * embed_per_pos) as f64 * e
+            let bias = profile.vision_bias_positions as f64;
+            b * (positions * embed_per_pos) as f64 * e + b * bias * bias * F32
         } else {
             0.0
         };
+        let causal_mask = text_tokens * batch.seq_len as f64 * F32;
         let cross_bias = text_tokens * profile.cross_bias_tokens as f64 * F32;
-        let outside = 3.0 * text_tokens * profile.text_hidden as f64 * e
-            + vision_embedding
-            + cross_bias
-            + projector
-            + labels * (2.0 * profile.text_hidden as f64 * e + 3.0 * profile.vocab as f64 * F32);
-        Self { stacks, outside }
+        // The final norm and the selected rows, the head's logits and their f32 copy (which
+        // alone the cross-entropy keeps).
+        let labels = batch.label_tokens as f64;
+        let vocab = profile.vocab as f64;
+        let wide = e < F32;
+        let head_products = if plan.op_path() == OpPath::Composed {
+            2.0 // the frozen head's product is copied once more, as every frozen linear's
+        } else {
+            1.0
+        };
+        let head = labels
+            * (2.0 * profile.text_hidden as f64 * e
+                + head_products * vocab * e
+                + if wide { vocab * F32 } else { 0.0 });
+        // Forward: the shifted logits and their exponentials; backward: the probabilities and
+        // the scaled gradient (then its cast to the head's dtype).
+        let loss_working_set = labels * vocab * (2.0 * F32 + if wide { e } else { 0.0 });
+        let outside = embeddings + vision_embedding + causal_mask + cross_bias + projector + head;
+        Self {
+            stacks,
+            outside,
+            loss_working_set,
+        }
     }
 
     /// Every layer keeps its activations; the backward adds about one layer's worth of
-    /// gradients at a time.
+    /// gradients at a time (or the loss's working set, where larger).
     fn full(&self) -> f64 {
         let kept: f64 = self.stacks.iter().map(|(n, l, _)| *n as f64 * l).sum();
-        kept + self.largest_layer() + self.outside
+        kept + self.outside + self.largest_layer().max(self.loss_working_set)
     }
 
     /// Each layer keeps its input; one layer's activations exist again during its
     /// recomputation, with its gradients.
     fn checkpointed(&self) -> f64 {
         let inputs: f64 = self.stacks.iter().map(|(n, _, x)| *n as f64 * x).sum();
-        inputs + 2.0 * self.largest_layer() + self.outside
+        inputs + self.outside + (2.0 * self.largest_layer()).max(self.loss_working_set)
     }
 
     fn largest_layer(&self) -> f64 {
         self.stacks.iter().map(|(_, l, _)| *l).fold(0.0, f64::max)
+    }
+}
+
+/// Per position, the bias additions of one layer's linears (in activation-dtype elements).
+fn bias_outputs(st: &LayerStack) -> f64 {
+    let (h, i) = (st.hidden as f64, st.intermediate as f64);
+    match st.kind {
+        LayerKind::Decoder | LayerKind::CrossAttention { .. } => 0.0,
+        // q, k, v, out, fc1, fc2.
+        LayerKind::ClipEncoder => 5.0 * h + i,
+        // fc1, fc2.
+        LayerKind::MllamaVision { .. } => h + i,
     }
 }
 
@@ -277,8 +325,11 @@ fn layer_bytes(st: &LayerStack, path: OpPath, e: f64, tokens: f64, samples: f64,
         // norm, q/k/v (+ copies), attention out (+ copy), out proj, residual, norm, fc1,
         // quick-GELU (three ops), fc2, residual.
         LayerKind::ClipEncoder => (13.0 * h + 4.0 * i, seq),
-        // as CLIP, GELU in one op, two gated residuals.
-        LayerKind::MllamaVision => (15.0 * h + 2.0 * i, seq),
+        // as CLIP, GELU in one op; the global layers' two gate products.
+        LayerKind::MllamaVision { gated } => {
+            let gates = if gated { 2.0 * h } else { 0.0 };
+            (13.0 * h + 2.0 * i + gates, seq)
+        }
         // text side as a decoder layer without rotary but with gates and the row mask; the
         // image side's keys and values (with norm and copies) per image token.
         LayerKind::CrossAttention { image_tokens } => {
