@@ -103,8 +103,10 @@ fn mllama_reference_recipe_trains_the_same_with_checkpointing() {
         let (a, b) = (newest(&off), newest(&on));
         assert_eq!(a.file_name(), b.file_name());
         // The image states' gradient sums its cross-attention layers' parts in another order,
-        // so the gradients differ in their last bits.
-        assert_same(&a, &b, 5e-6);
+        // so the gradients differ in their last bits, which the AdamW steps carry on. Measured:
+        // 5.3e-6 at most (layernorm_pre's bias; under 5e-6 while the loss's gradient came from
+        // the composed log-softmax, whose last bits differ from softmax − one-hot's).
+        assert_same(&a, &b, 1e-5);
     }
 }
 
