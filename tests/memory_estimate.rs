@@ -219,10 +219,10 @@ fn the_estimate_matches_measured_cpu_steps_with_the_fused_kernels() {
 #[ignore = "run by the_estimate_matches_measured_cpu_steps_with_the_composed_ops"]
 fn composed_ops_child() {
     assert!(!lvlm_ift::model::kernels::fused_enabled());
-    // Measured (this machine): LLaVA 0.92-1.07x, Mllama 1.12-1.21x (candle's backward pass
-    // also holds gradients of constant operands — masks, position tables — to its end; not
-    // counted).
-    check(&all_cases(), (0.85, 1.15), (1.0, 1.3));
+    // Measured (this machine): LLaVA 0.90-1.02x, Mllama 1.09-1.18x (the most without
+    // checkpointing: candle's backward pass holds the gradients of some constant operands —
+    // rotary tables, frozen norm weights — to its end; not counted).
+    check(&all_cases(), (0.85, 1.1), (1.0, 1.25));
 }
 
 #[test]

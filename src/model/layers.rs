@@ -5,7 +5,7 @@
 //! silently cut gradients (`softmax_last_dim`, `rms_norm`, `layer_norm`, `rotary_emb::*`; see
 //! ../shared/design/CANDLE.md). Norms compute in f32 like HF does.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor, D};
+use candle_core::{DType, Module, Tensor, D};
 
 use crate::model::kernels::{
     self, AttentionOp, FrozenLinearOp, LayerNormOp, RmsNormOp, RopeOp, SiluMulOp,
@@ -13,6 +13,7 @@ use crate::model::kernels::{
 
 use crate::error::Result;
 use crate::model::lora::LoraAdapter;
+use crate::model::precomputed::with_backward;
 use crate::model::weights::Weights;
 
 /// `y = x W^T + b (+ LoRA)`, weight `[out, in]` as in PyTorch.
@@ -50,7 +51,7 @@ impl Linear {
     }
 
     /// `x W^T` where W does not need a gradient but x does: the product is computed on a detached
-    /// x and re-attached through [`FrozenWeight`], whose backward yields only `dx = g W`. Plain
+    /// x and re-attached by an op with a hand-written backward ([`with_backward`]), whose backward yields only `dx = g W`. Plain
     /// matmul backward would also materialise a weight-sized gradient for every frozen weight
     /// (../shared/design/CANDLE.md, "Memory: frozen weights").
     ///
@@ -73,60 +74,19 @@ impl Linear {
         if self.weight.is_variable() || !x.track_op() {
             return matmul(x, &w_t);
         }
-        let y0 = matmul(&x.detach(), &w_t)?.contiguous()?;
-        x.apply_op2(
-            &y0,
-            FrozenWeight {
-                weight: self.weight.clone(),
-            },
-        )
+        frozen_product(x, &self.weight)
     }
 }
 
-/// Pass-through of a precomputed `y0 = x Wᵀ` whose backward returns only the input gradient.
-struct FrozenWeight {
-    weight: Tensor,
-}
-
-impl CustomOp2 for FrozenWeight {
-    fn name(&self) -> &'static str {
-        "frozen-weight-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _x: &CpuStorage,
-        _xl: &Layout,
-        y0: &CpuStorage,
-        y0l: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        // y0 is contiguous from offset 0 (made so by the caller), so a storage copy is exact.
-        use candle_core::backend::BackendStorage;
-        Ok((y0.try_clone(y0l)?, y0l.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _x: &candle_core::CudaStorage,
-        _xl: &Layout,
-        y0: &candle_core::CudaStorage,
-        y0l: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        Ok((y0.try_clone(y0l)?, y0l.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        _y0: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let w = self.weight.to_dtype(grad.dtype())?;
-        Ok((Some(matmul(grad, &w)?), None))
-    }
+/// `x Wᵀ` for a frozen `W` in elementary ops: the product runs outside the graph and one op
+/// hands it back whose backward returns only the input's gradient — no gradient is made for the
+/// frozen weight, and the graph keeps the product once.
+pub(crate) fn frozen_product(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+    let y0 = matmul(&x.detach(), &weight.t()?)?;
+    let weight = weight.clone();
+    with_backward(x, &y0, "frozen-weight-linear", move |_, grad| {
+        Ok(Some(matmul(grad, &weight.to_dtype(grad.dtype())?)?))
+    })
 }
 
 impl Module for Linear {
@@ -381,12 +341,23 @@ pub fn attention_composed(
     let scores = match mask {
         Some(m) => {
             let s = upcast(&scores)?;
-            s.broadcast_add(&m.to_dtype(s.dtype())?)?
+            add_constant(&s, &m.to_dtype(s.dtype())?)?
         }
         None => scores,
     };
     let probs = softmax_last(&scores)?.to_dtype(v.dtype())?;
     matmul(&probs, &v)
+}
+
+/// `x + c`, `c` broadcast to `x`'s shape and taking no gradient (a mask, an attention bias).
+/// candle's backward pass would also make `c`'s gradient, summed to its shape, and hold it to
+/// the pass's end: one `[b, 1, s, s_kv]` f32 tensor per layer for nothing.
+pub fn add_constant(x: &Tensor, c: &Tensor) -> candle_core::Result<Tensor> {
+    let y = x.detach().broadcast_add(c)?;
+    if !x.track_op() || y.dims() != x.dims() {
+        return x.broadcast_add(c);
+    }
+    with_backward(x, &y, "constant-addition", |_, grad| Ok(Some(grad.clone())))
 }
 
 /// SwiGLU's `silu(gate) * up`, fused on the CPU.

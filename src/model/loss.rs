@@ -1,12 +1,10 @@
 //! Causal-LM cross-entropy with HF semantics: logits at position p predict label p+1, labels of
 //! -100 are ignored, the loss is the mean over the remaining tokens of the whole batch.
 
-use std::sync::Arc;
-
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{Error, Result};
-use crate::model::precomputed::Precomputed;
+use crate::model::precomputed::with_backward;
 
 pub use crate::data::collate::IGNORE_INDEX;
 
@@ -75,7 +73,7 @@ impl LossRows {
     /// Mean negative log-likelihood of the targets under `logits: [n, vocab]` (the logits at
     /// [`LossRows::rows`], any float dtype, computed in f32).
     ///
-    /// One op in the graph ([`CrossEntropy`]) that keeps only the logits: its value is computed
+    /// One op in the graph that keeps only the logits: its value is computed
     /// outside the graph with the ops of a log-softmax and a gather (so it is the value those give,
     /// to the bit), its backward is `softmax − one-hot`. Differentiating the composed
     /// log-softmax instead kept three vocabulary-wide f32 tensors per loss row for the backward
@@ -106,52 +104,20 @@ impl LossRows {
         if !logits.track_op() {
             return Ok(value);
         }
-        let op = CrossEntropy {
-            targets,
-            value: Precomputed::new(&value, "cross-entropy")?,
-        };
-        Ok(logits.apply_op1_arc(Arc::new(Box::new(op)))?)
-    }
-}
-
-/// The mean cross-entropy of `[n, vocab]` logits against `targets` as one graph op: forward the
-/// precomputed value, backward `(softmax(logits) − one-hot(targets)) · grad / n`.
-struct CrossEntropy {
-    /// `[n, 1]` u32.
-    targets: Tensor,
-    value: Precomputed,
-}
-
-impl CustomOp1 for CrossEntropy {
-    fn name(&self) -> &'static str {
-        "cross-entropy"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.value.cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        self.value.cuda()
-    }
-
-    fn bwd(
-        &self,
-        logits: &Tensor,
-        _: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let n = logits.dim(0)?;
-        let probs = candle_nn::ops::softmax_last_dim(&logits.detach())?;
-        let minus_one = Tensor::full(-1f32, (n, 1), logits.device())?.to_dtype(logits.dtype())?;
-        probs.scatter_add_set(&self.targets, &minus_one, 1)?;
-        let scale = (grad.to_dtype(logits.dtype())? / n as f64)?;
-        Ok(Some(probs.broadcast_mul(&scale)?))
+        // Backward: (softmax(logits) − one-hot(targets)) · grad / n.
+        Ok(with_backward(
+            &logits,
+            &value,
+            "cross-entropy",
+            move |logits, grad| {
+                let probs = candle_nn::ops::softmax_last_dim(&logits.detach())?;
+                let minus_one =
+                    Tensor::full(-1f32, (n, 1), logits.device())?.to_dtype(logits.dtype())?;
+                probs.scatter_add_set(&targets, &minus_one, 1)?;
+                let scale = (grad.to_dtype(logits.dtype())? / n as f64)?;
+                Ok(Some(probs.broadcast_mul(&scale)?))
+            },
+        )?)
     }
 }
 

@@ -14,10 +14,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 use crate::model::lora::LoraRuntime;
-use crate::model::precomputed::Precomputed;
+use crate::model::precomputed::{with_backward, with_backward2};
 
 /// A layer's forward: the hidden state (and, for cross-attention, the states attended to).
 pub type LayerFn = dyn Fn(&Tensor, Option<&Tensor>) -> candle_core::Result<Tensor> + Send + Sync;
@@ -80,15 +80,22 @@ impl Recompute {
         } else {
             Var::from_tensor(x)?.as_tensor().clone()
         };
-        let op = LayerOp {
+        let replay = Replay {
             f,
             rng,
             ctx: self.inner.clone(),
-            output: Precomputed::new(&output, "checkpointed layer")?,
         };
         match cross {
-            None => x.apply_op1_arc(Arc::new(Box::new(op))),
-            Some(c) => x.apply_op2_arc(c, Arc::new(Box::new(op))),
+            None => with_backward(&x, &output, "checkpointed-layer", move |x, grad| {
+                Ok(replay.backward(x, None, grad)?.0)
+            }),
+            Some(c) => with_backward2(
+                &x,
+                c,
+                &output,
+                "checkpointed-cross-layer",
+                move |x, c, grad| replay.backward(x, Some(c), grad),
+            ),
         }
     }
 
@@ -112,15 +119,15 @@ impl Recompute {
     }
 }
 
-struct LayerOp {
+/// What the backward pass of a checkpointed layer needs to run it again.
+struct Replay {
     f: Arc<LayerFn>,
+    /// The dropout generator's state before the layer's forward.
     rng: Option<([u8; 32], u64, u128)>,
     ctx: Arc<Inner>,
-    /// The forward's result, moved into the graph by the op's forward.
-    output: Precomputed,
 }
 
-impl LayerOp {
+impl Replay {
     /// The recomputed layer's gradients: the inputs' (returned) and the parameters' (stored).
     fn backward(
         &self,
@@ -159,59 +166,5 @@ impl LayerOp {
         let gx = grads.get(xv.as_tensor()).cloned();
         let gc = cv.and_then(|c| grads.get(c.as_tensor()).cloned());
         Ok((gx, gc))
-    }
-}
-
-impl CustomOp1 for LayerOp {
-    fn name(&self) -> &'static str {
-        "checkpointed-layer"
-    }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.output.cpu()
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        self.output.cuda()
-    }
-    fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(self.backward(x, None, grad)?.0)
-    }
-}
-
-impl CustomOp2 for LayerOp {
-    fn name(&self) -> &'static str {
-        "checkpointed-cross-layer"
-    }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.output.cpu()
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        self.output.cuda()
-    }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        cross: &Tensor,
-        _: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        self.backward(x, Some(cross), grad)
     }
 }

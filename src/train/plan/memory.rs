@@ -153,10 +153,21 @@ impl TrainPlan {
     }
 }
 
+/// What one stack's layers hold for a micro-batch.
+struct StackBytes {
+    layers: usize,
+    /// What one layer keeps for the backward pass.
+    per_layer: f64,
+    /// One layer's input (all a checkpointed layer keeps).
+    input: f64,
+    /// What a layer's backward pass makes beyond its kept activations at its peak.
+    backward_extra: f64,
+}
+
 /// One micro-batch's activations, stack by stack.
 struct Activations {
-    /// (layers, bytes one layer keeps, bytes of its input) of each stack that keeps any.
-    stacks: Vec<(usize, f64, f64)>,
+    /// Each stack that keeps any.
+    stacks: Vec<StackBytes>,
     /// Embeddings, masks, projector, head and loss: kept either way.
     outside: f64,
     /// The cross-entropy's working set, in its forward and again in its backward (the
@@ -205,8 +216,9 @@ impl Activations {
                 StackTokens::PerImage(n) => (b * n as f64, n as f64),
             };
             let mut layer = layer_bytes(st, path, e, tokens, b, seq);
-            if in_full && path == OpPath::Fused {
-                // A trained linear is a product and a bias addition (the frozen ones fuse both).
+            if in_full || path == OpPath::Composed {
+                // A linear is a product and a bias addition (on the CPU the frozen ones fuse
+                // both).
                 layer += tokens * bias_outputs(st) * e;
             }
             if let Some(l) = lora {
@@ -225,7 +237,12 @@ impl Activations {
                     / layers as f64;
                 layer += tokens * per_layer;
             }
-            stacks.push((layers, layer, tokens * st.hidden as f64 * e));
+            stacks.push(StackBytes {
+                layers,
+                per_layer: layer,
+                input: tokens * st.hidden as f64 * e,
+                backward_extra: backward_extra(st, path, b, seq),
+            });
         }
         let text_tokens = b * batch.seq_len as f64;
         let (p_in, p_out, p_pos) = profile.projector;
@@ -260,14 +277,9 @@ impl Activations {
         let labels = batch.label_tokens as f64;
         let vocab = profile.vocab as f64;
         let wide = e < F32;
-        let head_products = if plan.op_path() == OpPath::Composed {
-            2.0 // the frozen head's product is copied once more, as every frozen linear's
-        } else {
-            1.0
-        };
         let head = labels
             * (2.0 * profile.text_hidden as f64 * e
-                + head_products * vocab * e
+                + vocab * e
                 + if wide { vocab * F32 } else { 0.0 });
         // Forward: the shifted logits and their exponentials; backward: the probabilities and
         // the scaled gradient (then its cast to the head's dtype).
@@ -283,20 +295,44 @@ impl Activations {
     /// Every layer keeps its activations; the backward adds about one layer's worth of
     /// gradients at a time (or the loss's working set, where larger).
     fn full(&self) -> f64 {
-        let kept: f64 = self.stacks.iter().map(|(n, l, _)| *n as f64 * l).sum();
-        kept + self.outside + self.largest_layer().max(self.loss_working_set)
+        let kept: f64 = self
+            .stacks
+            .iter()
+            .map(|st| st.layers as f64 * st.per_layer)
+            .sum();
+        let backward = self.largest(|st| st.per_layer + st.backward_extra);
+        kept + self.outside + backward.max(self.loss_working_set)
     }
 
     /// Each layer keeps its input; one layer's activations exist again during its
     /// recomputation, with its gradients.
     fn checkpointed(&self) -> f64 {
-        let inputs: f64 = self.stacks.iter().map(|(n, _, x)| *n as f64 * x).sum();
-        inputs + self.outside + (2.0 * self.largest_layer()).max(self.loss_working_set)
+        let inputs: f64 = self
+            .stacks
+            .iter()
+            .map(|st| st.layers as f64 * st.input)
+            .sum();
+        let backward = self.largest(|st| 2.0 * st.per_layer + st.backward_extra);
+        inputs + self.outside + backward.max(self.loss_working_set)
     }
 
-    fn largest_layer(&self) -> f64 {
-        self.stacks.iter().map(|(_, l, _)| *l).fold(0.0, f64::max)
+    fn largest(&self, bytes: impl Fn(&StackBytes) -> f64) -> f64 {
+        self.stacks.iter().map(bytes).fold(0.0, f64::max)
     }
+}
+
+/// The composed attention's backward pass holds about three `[b, heads, s, s_kv]` f32 gradients
+/// at once (the probabilities', the exponentials', the masked scores'); the fused kernel works
+/// one head at a time.
+fn backward_extra(st: &LayerStack, path: OpPath, samples: f64, seq: f64) -> f64 {
+    if path == OpPath::Fused {
+        return 0.0;
+    }
+    let keys = match st.kind {
+        LayerKind::CrossAttention { image_tokens } => image_tokens as f64,
+        _ => seq,
+    };
+    3.0 * samples * st.heads as f64 * seq * keys * F32
 }
 
 /// Per position, the bias additions of one layer's linears (in activation-dtype elements).
@@ -339,13 +375,8 @@ fn layer_bytes(st: &LayerStack, path: OpPath, e: f64, tokens: f64, samples: f64,
     };
     let mut f32_per_token = 0.0;
     if path == OpPath::Composed {
-        // Each frozen linear's product is copied once more; the norms' squares and quotients
-        // in f32 (and their upcast input for narrow dtypes); rotary's negated half,
-        // concatenation and products; SiLU apart from its product.
-        let linears = match st.kind {
-            LayerKind::Decoder | LayerKind::CrossAttention { .. } => 3.0 * h + 2.0 * kv + 2.0 * i,
-            _ => 4.0 * h + i,
-        };
+        // The norms' squares and quotients in f32 (and their upcast input for narrow dtypes);
+        // rotary's negated half, concatenation and products; SiLU apart from its product.
         let norms = if matches!(
             st.kind,
             LayerKind::Decoder | LayerKind::CrossAttention { .. }
@@ -354,7 +385,7 @@ fn layer_bytes(st: &LayerStack, path: OpPath, e: f64, tokens: f64, samples: f64,
         } else {
             4.0 // LayerNorm: mean-centred input, its square, the quotient, the shift
         };
-        per_token += linears + if wide { 2.0 * h } else { 0.0 };
+        per_token += if wide { 2.0 * h } else { 0.0 };
         f32_per_token += 2.0 * norms * h + if wide { 2.0 * h } else { 0.0 };
         if st.kind == LayerKind::Decoder {
             per_token += 4.5 * (h + kv) + i;
