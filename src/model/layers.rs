@@ -51,9 +51,9 @@ impl Linear {
     }
 
     /// `x W^T` where W does not need a gradient but x does: the product is computed on a detached
-    /// x and re-attached by an op with a hand-written backward ([`with_backward`]), whose backward yields only `dx = g W`. Plain
-    /// matmul backward would also materialise a weight-sized gradient for every frozen weight
-    /// (../shared/design/CANDLE.md, "Memory: frozen weights").
+    /// x and re-attached by an op whose hand-written backward yields only `dx = g W`
+    /// ([`frozen_product`]). Plain matmul backward would also materialise a weight-sized
+    /// gradient for every frozen weight (../shared/design/CANDLE.md, "Memory: frozen weights").
     ///
     /// On the CPU a frozen weight goes through [`FrozenLinearOp`] instead: the same backward, no
     /// copy in the forward, and a bf16 weight widened block by block inside the product.

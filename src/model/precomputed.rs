@@ -5,8 +5,9 @@
 //!
 //! Used by activation checkpointing ([`crate::model::recompute`]: the layer's output, its
 //! backward a recomputation), the cross-entropy ([`crate::model::loss`]: the loss value, its
-//! backward `softmax − one-hot`) and the composed frozen linear ([`crate::model::layers`]: the
-//! product, its backward the input's gradient alone).
+//! backward `softmax − one-hot`), and two composed layer ops ([`crate::model::layers`]): the
+//! frozen linear (the product; its backward the input's gradient alone, none for the weight) and
+//! the constant addition (masks, biases; no gradient for the constant).
 
 use std::sync::{Arc, Mutex};
 
@@ -16,7 +17,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tens
 pub struct Precomputed {
     /// What the op's forward hands to candle; `None` once taken.
     output: Mutex<Option<Tensor>>,
-    /// Names the op in errors.
+    /// Names the op in candle's graph and in errors.
     what: &'static str,
 }
 
