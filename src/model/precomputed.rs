@@ -210,16 +210,14 @@ mod tests {
             .unwrap()
             .broadcast_matmul(&w.t().unwrap())
             .unwrap();
-        let diff = |a: &Tensor, b: &Tensor| {
+        let diff = |a: &Tensor, b: &Tensor| -> f32 {
             (a - b)
                 .unwrap()
                 .abs()
                 .unwrap()
-                .flatten_all()
+                .max_all()
                 .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
+                .to_scalar()
                 .unwrap()
         };
         assert!(diff(&ours, &plain) < 1e-6);
