@@ -353,10 +353,12 @@ pub fn attention_composed(
 /// candle's backward pass would also make `c`'s gradient, summed to its shape, and hold it to
 /// the pass's end: one `[b, 1, s, s_kv]` f32 tensor per layer for nothing.
 pub fn add_constant(x: &Tensor, c: &Tensor) -> candle_core::Result<Tensor> {
-    let y = x.detach().broadcast_add(c)?;
-    if !x.track_op() || y.dims() != x.dims() {
+    let full = x.shape().broadcast_shape_binary_op(c.shape(), "add")? == *x.shape();
+    if !x.track_op() || !full {
+        // Nothing to keep out of the graph, or `x` itself is broadcast (its gradient is summed).
         return x.broadcast_add(c);
     }
+    let y = x.detach().broadcast_add(c)?;
     with_backward(x, &y, "constant-addition", |_, grad| Ok(Some(grad.clone())))
 }
 

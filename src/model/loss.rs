@@ -73,9 +73,9 @@ impl LossRows {
     /// Mean negative log-likelihood of the targets under `logits: [n, vocab]` (the logits at
     /// [`LossRows::rows`], any float dtype, computed in f32).
     ///
-    /// One op in the graph that keeps only the logits: its value is computed
-    /// outside the graph with the ops of a log-softmax and a gather (so it is the value those give,
-    /// to the bit), its backward is `softmax − one-hot`. Differentiating the composed
+    /// One op in the graph that keeps only the logits: its value is computed outside the graph
+    /// with the ops of a log-softmax and a gather (so it is the value those give, to the bit),
+    /// its backward is `softmax − one-hot`. Differentiating the composed
     /// log-softmax instead kept three vocabulary-wide f32 tensors per loss row for the backward
     /// pass and made about seven more in it; at Llama 3's 128 k vocabulary that is 0.5 MiB a row
     /// each.
